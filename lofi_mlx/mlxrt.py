@@ -1,0 +1,84 @@
+"""Import point for mlx.core. On Linux CPU builds, route cblas_*gemm to OpenBLAS first.
+
+mlx[cpu] on Linux links a reference BLAS that runs f32 matmul/conv ~30x slower than OpenBLAS.
+The PyPI `scipy-openblas32` wheel exports its symbols with a `scipy_` prefix, so a three-function
+C shim (compiled once, cached) re-exports them under the `cblas_` names and is loaded with
+RTLD_GLOBAL before mlx, which makes the dynamic linker bind mlx to it. Set LOFI_NO_OPENBLAS=1 to
+skip. Without a C compiler it silently keeps mlx's own BLAS (slower, same results).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_SHIM = r"""
+typedef int I; typedef float F; typedef double D;
+#define DECL(name, T, S) \
+  extern void scipy_##name(I,I,I,I,I,I,S,const T*,I,const T*,I,S,T*,I); \
+  void name(I o,I ta,I tb,I m,I n,I k,S al,const T*a,I la,const T*b,I lb,S be,T*c,I lc) \
+  { scipy_##name(o,ta,tb,m,n,k,al,a,la,b,lb,be,c,lc); }
+DECL(cblas_sgemm, F, F)
+DECL(cblas_dgemm, D, D)
+extern void scipy_cblas_cgemm(I,I,I,I,I,I,const void*,const void*,I,const void*,I,const void*,void*,I);
+void cblas_cgemm(I o,I ta,I tb,I m,I n,I k,const void*al,const void*a,I la,const void*b,I lb,
+                 const void*be,void*c,I lc)
+{ scipy_cblas_cgemm(o,ta,tb,m,n,k,al,a,la,b,lb,be,c,lc); }
+"""
+
+BLAS = "mlx"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lofi.nvim" / "shim"
+
+
+def _preload_openblas() -> str:
+    if sys.platform != "linux" or os.environ.get("LOFI_NO_OPENBLAS"):
+        return "mlx"
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return "mlx"
+    libdir = Path(scipy_openblas32.get_lib_dir())
+    lib = libdir / f"lib{scipy_openblas32.get_library()}.so"
+    if not lib.is_file():
+        return "mlx"
+    tag = hashlib.sha256((_SHIM + str(lib)).encode()).hexdigest()[:12]
+    shim = _cache_dir() / f"lofi_cblas_{tag}.so"
+    if not shim.is_file():
+        shim.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as td:
+            src = Path(td) / "shim.c"
+            src.write_text(_SHIM)
+            tmp = Path(td) / shim.name
+            cc = os.environ.get("CC", "cc")
+            try:
+                subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp),
+                                f"-L{libdir}", f"-l{scipy_openblas32.get_library()}",
+                                f"-Wl,-rpath,{libdir}"],
+                               check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError):
+                return "mlx"
+            os.replace(tmp, shim)  # atomic: concurrent processes never see half a library
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return "mlx"
+    return "openblas"
+
+
+if "mlx.core" not in sys.modules:
+    BLAS = _preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+__all__ = ["mx", "nn", "BLAS"]

@@ -1,0 +1,50 @@
+"""The seam between the shared code (sampler, pipeline, daemon) and an engine.
+
+An engine turns numpy arrays into numpy arrays by running ACE-Step's networks; it knows nothing
+of queues, files or JSON. Arrays crossing the seam are float32 (ids/masks int64) in the
+reference's PyTorch layouts, whatever precision the engine computes in internally.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+STAGES = ("text_encoder", "transformer", "dcae", "vocoder")
+
+
+class Engine(Protocol):
+    name: str        # "mlx" | "onnx"
+    device: str      # "cpu" | "gpu" | "cuda" ...
+    precision: str   # "fp32" | "fp16" | "bf16"
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    erg: bool = False) -> np.ndarray:
+        """UMT5 last_hidden_state [B, Nt, 768]; erg=True scales q of blocks 8-9 by 0.01."""
+
+    def encode_context(self, text_hidden: np.ndarray, text_mask: np.ndarray,
+                       lyric_ids: np.ndarray, lyric_mask: np.ndarray,
+                       erg_lyric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """DiT encode with zero speaker embedding: (ctx [B, L, D], ctx_mask [B, L] float32).
+        erg_lyric=True scales the Conformer's linear_q of layers 4-5 by 0.01."""
+
+    def velocity(self, x: np.ndarray, timestep: np.ndarray, ctx: np.ndarray,
+                 ctx_mask: np.ndarray, erg: np.ndarray) -> np.ndarray:
+        """DiT decode for a stacked batch of conditions: x [B,8,16,T], timestep [B] (=1000*sigma),
+        ctx [B,L,D], ctx_mask [B,L], erg [B] bool (True = ERG q-scaling on blocks 15-19)."""
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """DCAE decode + vocoder per stereo channel: [B,8,16,T] -> [B, 2, 4096*T] at 44.1 kHz."""
+
+    def encode_audio(self, wave_44k: np.ndarray) -> np.ndarray:
+        """[B, 2, N] at 44.1 kHz (N a multiple of 4096) -> DCAE latents [B, 8, 16, N/4096]."""
+
+    def release(self, stage: str | None = None) -> None:
+        """Drop one stage's network (None: all) so its memory returns to the system."""
+
+    def loaded(self) -> list[str]:
+        """Names of the stages currently resident."""
+
+    def memory(self) -> dict:
+        """Bytes in use as the engine sees them (e.g. {"active": ..., "peak": ...})."""
