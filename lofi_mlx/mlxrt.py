@@ -32,6 +32,7 @@ void cblas_cgemm(I o,I ta,I tb,I m,I n,I k,const void*al,const void*a,I la,const
 """
 
 BLAS = "mlx"
+_OPENBLAS = None
 
 
 def _cache_dir() -> Path:
@@ -67,12 +68,19 @@ def _preload_openblas() -> str:
             except (OSError, subprocess.SubprocessError):
                 return "mlx"
             os.replace(tmp, shim)  # atomic: concurrent processes never see half a library
+    global _OPENBLAS
     try:
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        _OPENBLAS = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return "mlx"
     return "openblas"
+
+
+def set_threads(n: int | None) -> None:
+    """Threads for the BLAS behind MLX's CPU matmuls (the only threaded part we control)."""
+    if n and _OPENBLAS is not None:
+        _OPENBLAS.scipy_openblas_set_num_threads(int(n))
 
 
 if "mlx.core" not in sys.modules:
@@ -81,4 +89,4 @@ if "mlx.core" not in sys.modules:
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-__all__ = ["mx", "nn", "BLAS"]
+__all__ = ["mx", "nn", "BLAS", "set_threads"]

@@ -34,11 +34,14 @@ class Engine(Protocol):
         """DiT decode for a stacked batch of conditions: x [B,8,16,T], timestep [B] (=1000*sigma),
         ctx [B,L,D], ctx_mask [B,L], erg [B] bool (True = ERG q-scaling on blocks 15-19)."""
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """DCAE decode + vocoder per stereo channel: [B,8,16,T] -> [B, 2, 4096*T] at 44.1 kHz."""
+    def dcae_decode(self, latents: np.ndarray) -> np.ndarray:
+        """DiT latents [B,8,16,T] -> log-mel [B, 2, 128, 8T] (de-normalised, natural log)."""
 
-    def encode_audio(self, wave_44k: np.ndarray) -> np.ndarray:
-        """[B, 2, N] at 44.1 kHz (N a multiple of 4096) -> DCAE latents [B, 8, 16, N/4096]."""
+    def vocode(self, mel: np.ndarray) -> np.ndarray:
+        """Log-mel [B, 2, 128, F] -> waveform [B, 2, 512*F] at 44.1 kHz (both stereo channels)."""
+
+    def dcae_encode(self, mel: np.ndarray) -> np.ndarray:
+        """Log-mel [B, 2, 128, F] (F a multiple of 8) -> DiT latents [B, 8, 16, F/8]."""
 
     def release(self, stage: str | None = None) -> None:
         """Drop one stage's network (None: all) so its memory returns to the system."""

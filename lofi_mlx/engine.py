@@ -1,0 +1,155 @@
+"""The MLX engine: runs ACE-Step's four networks, loading each when its stage starts.
+
+Memory policy: by default a network is dropped when its stage ends (UMT5 after text encoding,
+the DiT after sampling, ...), so peak memory is the largest stage rather than the sum.
+`keep_loaded=True` keeps them resident between jobs.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from .mlxrt import BLAS, mx, set_threads
+from .models.common import DTYPES
+
+
+class MLXEngine:
+    name = "mlx"
+
+    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
+                 keep_loaded: bool = False, threads: int | None = None):
+        if precision not in DTYPES:
+            raise LofiError(MODEL_LOAD_FAILED, f"unknown precision {precision!r}")
+        self.checkpoint = Path(checkpoint)
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        self.keep_loaded = keep_loaded
+        set_threads(threads)
+        if device == "cpu" or (device == "auto" and not _gpu_available()):
+            mx.set_default_device(mx.cpu)
+            self.device = "cpu"
+        else:
+            if device == "gpu" and not _gpu_available():
+                raise LofiError(MODEL_LOAD_FAILED, "LOFI_DEVICE=gpu but MLX sees no GPU on this machine")
+            mx.set_default_device(mx.gpu)
+            self.device = "gpu"
+        self.blas = BLAS
+        self._models: dict = {}
+        self._lock = threading.RLock()
+
+    # -- memory policy ---------------------------------------------------------------------
+    def _get(self, stage: str):
+        with self._lock:
+            if stage not in self._models:
+                self._models[stage] = self._load(stage)
+            return self._models[stage]
+
+    def _load(self, stage: str):
+        try:
+            if stage == "text_encoder":
+                from .models import umt5
+                return umt5.load(self.checkpoint, self.precision)
+            if stage == "transformer":
+                from .models import dit
+                return dit.load(self.checkpoint, self.precision)
+            if stage == "dcae":
+                from .models import dcae
+                return dcae.load(self.checkpoint, self.precision, parts=("decoder",))
+            if stage == "dcae_encoder":
+                from .models import dcae
+                return dcae.load(self.checkpoint, self.precision, parts=("encoder",))
+            if stage == "vocoder":
+                from .models import vocoder
+                return vocoder.load(self.checkpoint, self.precision)
+        except LofiError:
+            raise
+        except MemoryError as e:
+            raise LofiError(MODEL_LOAD_FAILED, f"out of memory loading {stage}") from e
+        except Exception as e:  # a damaged file surfaces here as anything
+            raise LofiError(MODEL_LOAD_FAILED, f"cannot load {stage} from {self.checkpoint}: {e}") from e
+        raise ValueError(f"unknown stage {stage}")
+
+    def release(self, stage: str | None = None) -> None:
+        with self._lock:
+            if stage is None:
+                self._models.clear()
+            else:
+                self._models.pop(stage, None)
+        gc.collect()
+        mx.clear_cache()
+
+    def end_stage(self, stage: str) -> None:
+        """Called by the pipeline when a stage is finished; applies the memory policy."""
+        if not self.keep_loaded:
+            self.release(stage)
+
+    def loaded(self) -> list[str]:
+        return list(self._models)
+
+    def memory(self) -> dict:
+        return {"active": int(mx.get_active_memory()), "peak": int(mx.get_peak_memory()),
+                "cache": int(mx.get_cache_memory())}
+
+    # -- networks --------------------------------------------------------------------------
+    def _arr(self, x: np.ndarray):
+        return mx.array(np.asarray(x, dtype=np.float32)).astype(self.dtype)
+
+    def encode_text(self, input_ids, attention_mask, erg: bool = False) -> np.ndarray:
+        from .models.umt5 import erg_q_scale
+        model = self._get("text_encoder")
+        q_scale = erg_q_scale(model.config.num_layers) if erg else None
+        out = model(mx.array(np.asarray(input_ids, np.int32)),
+                    mx.array(np.asarray(attention_mask, np.int32)), q_scale=q_scale)
+        return _to_numpy(out, "text encoder")
+
+    def encode_context(self, text_hidden, text_mask, lyric_ids, lyric_mask, erg_lyric=False):
+        model = self._get("transformer")
+        ctx, ctx_mask = model.encode(self._arr(text_hidden), mx.array(np.asarray(text_mask, np.int32)),
+                                     mx.array(np.asarray(lyric_ids, np.int32)),
+                                     mx.array(np.asarray(lyric_mask, np.int32)), erg_lyric=erg_lyric)
+        return _to_numpy(ctx, "DiT encode"), np.asarray(ctx_mask.astype(mx.float32))
+
+    def velocity(self, x, timestep, ctx, ctx_mask, erg) -> np.ndarray:
+        model = self._get("transformer")
+        v = model.decode(self._arr(x), mx.array(np.asarray(timestep, np.float32)), self._arr(ctx),
+                         mx.array(np.asarray(ctx_mask, np.float32)),
+                         erg=mx.array(np.asarray(erg, bool)))
+        return _to_numpy(v, "DiT")
+
+    def dcae_decode(self, latents) -> np.ndarray:
+        model = self._get("dcae")
+        # One item at a time like the reference: the DCAE attention is global, and batch 1 bounds memory.
+        return np.concatenate([_to_numpy(model.decode_latents(self._arr(latents[i:i + 1])), "DCAE")
+                               for i in range(latents.shape[0])])
+
+    def vocode(self, mel) -> np.ndarray:
+        model = self._get("vocoder")
+        b, c, m, f = mel.shape
+        wave = model(self._arr(np.asarray(mel).reshape(b * c, m, f)))
+        return _to_numpy(wave, "vocoder").reshape(b, c, -1)
+
+    def dcae_encode(self, mel) -> np.ndarray:
+        model = self._get("dcae_encoder")
+        return np.concatenate([_to_numpy(model.encode_mel(self._arr(mel[i:i + 1])), "DCAE encoder")
+                               for i in range(mel.shape[0])])
+
+
+def _to_numpy(x, what: str) -> np.ndarray:
+    out = np.asarray(x.astype(mx.float32))
+    if not np.all(np.isfinite(out)):
+        raise LofiError(MODEL_INFERENCE_FAILED, f"{what} produced NaN or Inf values")
+    return out
+
+
+def _gpu_available() -> bool:
+    try:
+        if mx.metal.is_available():
+            return True
+        return hasattr(mx, "cuda") and bool(mx.cuda.is_available())
+    except Exception:
+        return False

@@ -1,0 +1,478 @@
+"""Music DCAE (diffusers `AutoencoderDC` as ACE-Step v1 uses it): mel <-> DiT latents.
+
+Decoder: latents [B, 8, 16, T] -> normalised mel [B, 2, 128, 8T]; encoder the reverse.
+Public methods take and return PyTorch layout [B, C, H, W]; inside, everything is NHWC
+(H = mel bins / latent rows, W = frames), which is what mx.conv2d wants.
+
+Half precision keeps the reference's fp32 islands: RMS-norm statistics and the whole
+multiscale linear attention (its input is upcast, sums and the division run in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import component_dir, load_component
+from ..errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from ..mlxrt import mx, nn
+from .common import DTYPES, drop_keys, load_strict, rms_norm
+
+# ACE-Step's own latent and mel constants (music_dcae_pipeline.py); config's scaling_factor is unused.
+SCALE_FACTOR = 0.1786
+SHIFT_FACTOR = -1.9091
+MEL_MIN, MEL_MAX = -11.0, 3.0
+NORM_EPS = 1e-5
+ATTN_EPS = 1e-15
+PARTS = ("decoder", "encoder")
+BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
+
+
+def _per_stage(value, n: int, key: str) -> tuple:
+    """diffusers accepts a single value or one per stage."""
+    if isinstance(value, (str, int)):
+        return (value,) * n
+    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if len(value) != n:
+        raise LofiError(MODEL_LOAD_FAILED, f"music_dcae_f8c8/config.json: {key} has {len(value)} "
+                        f"entries for {n} stages")
+    return value
+
+
+@dataclass
+class DCAEConfig:
+    in_channels: int = 2
+    latent_channels: int = 8
+    attention_head_dim: int = 32
+    encoder_block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",)
+    decoder_block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",)
+    encoder_block_out_channels: tuple = (128, 256, 512, 1024)
+    decoder_block_out_channels: tuple = (128, 256, 512, 1024)
+    encoder_layers_per_block: tuple = (2, 2, 3, 3)
+    decoder_layers_per_block: tuple = (3, 3, 3, 3)
+    encoder_qkv_multiscales: tuple = ((), (), (5,), (5,))
+    decoder_qkv_multiscales: tuple = ((), (), (5,), (5,))
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "DCAEConfig":
+        where = "music_dcae_f8c8/config.json"
+
+        def need(key):
+            if key not in cfg:
+                raise LofiError(MODEL_LOAD_FAILED, f"{where}: missing key {key!r}")
+            return cfg[key]
+
+        # Variants this port does not implement: fail loudly rather than compute something else.
+        supported = {"downsample_block_type": "Conv", "upsample_block_type": "interpolate",
+                     "encoder_out_shortcut": True, "decoder_in_shortcut": True}
+        for key, want in supported.items():
+            if cfg.get(key, want) != want:
+                raise LofiError(MODEL_LOAD_FAILED, f"{where}: {key}={cfg[key]!r} is not supported "
+                                f"(only {want!r}, as in ACE-Step's music_dcae_f8c8)")
+        try:
+            enc_ch = tuple(int(c) for c in need("encoder_block_out_channels"))
+            dec_ch = tuple(int(c) for c in need("decoder_block_out_channels"))
+            ne, nd = len(enc_ch), len(dec_ch)
+            c = cls(
+                in_channels=int(need("in_channels")),
+                latent_channels=int(need("latent_channels")),
+                attention_head_dim=int(need("attention_head_dim")),
+                encoder_block_types=_per_stage(need("encoder_block_types"), ne, "encoder_block_types"),
+                decoder_block_types=_per_stage(need("decoder_block_types"), nd, "decoder_block_types"),
+                encoder_block_out_channels=enc_ch,
+                decoder_block_out_channels=dec_ch,
+                encoder_layers_per_block=tuple(int(n) for n in
+                                               _per_stage(need("encoder_layers_per_block"), ne,
+                                                          "encoder_layers_per_block")),
+                decoder_layers_per_block=tuple(int(n) for n in
+                                               _per_stage(need("decoder_layers_per_block"), nd,
+                                                          "decoder_layers_per_block")),
+                encoder_qkv_multiscales=tuple(tuple(int(k) for k in ks) for ks in
+                                              _per_stage(need("encoder_qkv_multiscales"), ne,
+                                                         "encoder_qkv_multiscales")),
+                decoder_qkv_multiscales=tuple(tuple(int(k) for k in ks) for ks in
+                                              _per_stage(need("decoder_qkv_multiscales"), nd,
+                                                         "decoder_qkv_multiscales")),
+            )
+            norms = _per_stage(cfg.get("decoder_norm_types", "rms_norm"), nd, "decoder_norm_types")
+            acts = _per_stage(cfg.get("decoder_act_fns", "silu"), nd, "decoder_act_fns")
+        except (TypeError, ValueError) as e:
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: malformed value: {e}") from e
+        if any(n != "rms_norm" for n in norms):
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: decoder_norm_types {norms!r} not supported "
+                            f"(only 'rms_norm')")
+        if any(a != "silu" for a in acts):
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: decoder_act_fns {acts!r} not supported "
+                            f"(only 'silu')")
+        c._validate(where)
+        return c
+
+    def _validate(self, where: str):
+        def bad(msg):
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: {msg}")
+
+        for side in ("encoder", "decoder"):
+            ch = getattr(self, f"{side}_block_out_channels")
+            types = getattr(self, f"{side}_block_types")
+            layers = getattr(self, f"{side}_layers_per_block")
+            for t in types:
+                if t not in BLOCK_TYPES:
+                    bad(f"{side}_block_types entry {t!r} not supported (only {BLOCK_TYPES})")
+            if any(n <= 0 for n in layers):
+                bad(f"{side}_layers_per_block {layers} has an empty stage (not supported)")
+            for i, (c, t) in enumerate(zip(ch, types)):
+                if t == "EfficientViTBlock":
+                    if c % self.attention_head_dim:
+                        bad(f"{side} stage {i}: {c} channels not a multiple of attention_head_dim "
+                            f"{self.attention_head_dim}")
+                    ks = getattr(self, f"{side}_qkv_multiscales")[i]
+                    if any(k % 2 == 0 for k in ks):
+                        bad(f"{side}_qkv_multiscales {ks}: even kernels not supported")
+            for cin, cout in zip(ch[:-1], ch[1:]):
+                if (cin * 4) % cout or (cout * 4) % cin:
+                    bad(f"{side} channels {cin}->{cout}: no whole channel-repeat/group factor")
+            if ch[-1] % self.latent_channels:
+                bad(f"{side} last stage {ch[-1]} channels not a multiple of latent_channels")
+
+
+# ---------------------------------------------------------------------------------------------
+# layout helpers (NHWC)
+
+def pixel_shuffle(x, r: int = 2):
+    """[B,H,W,C*r*r] -> [B,H*r,W*r,C]; out[c, r*i+a, r*j+b] = in[c*r*r + a*r + b, i, j] (torch)."""
+    B, H, W, C = x.shape
+    c = C // (r * r)
+    x = x.reshape(B, H, W, c, r, r).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(B, H * r, W * r, c)
+
+
+def pixel_unshuffle(x, r: int = 2):
+    """Inverse of pixel_shuffle: channel c*r*r + a*r + b <- in[c, r*i+a, r*j+b]."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // r, r, W // r, r, C).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(B, H // r, W // r, C * r * r)
+
+
+def upsample_nearest2(x):
+    B, H, W, C = x.shape
+    x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+    return x.reshape(B, 2 * H, 2 * W, C)
+
+
+def repeat_channels(x, n: int):
+    """torch repeat_interleave on channels: out channel k <- in channel k // n."""
+    if n == 1:
+        return x
+    B, H, W, C = x.shape
+    return mx.broadcast_to(x[..., None], (B, H, W, C, n)).reshape(B, H, W, C * n)
+
+
+def group_mean(x, size: int):
+    """Mean over consecutive groups of `size` channels."""
+    if size == 1:
+        return x
+    B, H, W, C = x.shape
+    return x.reshape(B, H, W, C // size, size).mean(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+class RMSNormC(nn.Module):
+    """Per-pixel RMS norm over channels (diffusers RMSNorm with weight and bias)."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+
+    def __call__(self, x):
+        return rms_norm(x, NORM_EPS).astype(self.weight.dtype) * self.weight + self.bias
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = RMSNormC(channels)
+
+    def __call__(self, x):
+        return x + self.norm(self.conv2(nn.silu(self.conv1(x))))
+
+
+class GroupedLinear(nn.Module):
+    """1x1 conv with `groups` groups, as one batched matmul; weight [groups, in, out].
+
+    Returns [B, groups, N, size]: the group-major layout the attention wants next.
+    """
+
+    def __init__(self, groups: int, size: int):
+        super().__init__()
+        self.weight = mx.zeros((groups, size, size))
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        g = self.weight.shape[0]
+        return x.reshape(B, H * W, g, C // g).transpose(0, 2, 1, 3) @ self.weight
+
+
+class MultiscaleProjection(nn.Module):
+    def __init__(self, channels: int, groups: int, kernel: int):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels,
+                                 bias=False)
+        self.proj_out = GroupedLinear(groups, channels // groups)
+
+    def __call__(self, x):
+        return self.proj_out(self.proj_in(x))
+
+
+class MultiscaleLinearAttention(nn.Module):
+    """ReLU linear attention over all H*W pixels, heads of `head_dim`, plus multiscale branches.
+
+    The reference concatenates [q | k | v | ms(q|k|v) ...] on channels and cuts it into groups of
+    3*head_dim consecutive channels, each split into Q/K/V. The to_q/to_k/to_v weights are fused
+    into one [3C, C] matmul (sanitize), which keeps exactly that channel order.
+    """
+
+    def __init__(self, channels: int, head_dim: int, kernels: tuple):
+        super().__init__()
+        self.heads = channels // head_dim
+        self.head_dim = head_dim
+        inner = self.heads * head_dim
+        self.to_qkv = nn.Linear(channels, 3 * inner, bias=False)
+        self.to_qkv_multiscale = [MultiscaleProjection(3 * inner, 3 * self.heads, k) for k in kernels]
+        self.to_out = nn.Linear(inner * (1 + len(kernels)), channels, bias=False)
+        self.norm_out = RMSNormC(channels)
+
+    def __call__(self, x):
+        B, H, W, _ = x.shape
+        N, d = H * W, self.head_dim
+        qkv = self.to_qkv(x)
+        groups = [qkv.reshape(B, N, -1, d).transpose(0, 2, 1, 3)]  # [B, 3*heads, N, d]
+        groups += [ms(qkv) for ms in self.to_qkv_multiscale]
+        # Group g of the concatenation is (Q, K, V) = rows 3g, 3g+1, 3g+2 here.
+        z = mx.concatenate(groups, axis=1).astype(mx.float32)
+        z = z.reshape(B, -1, 3, N, d)
+        q = nn.relu(z[:, :, 0])
+        k = nn.relu(z[:, :, 1])
+        v = z[:, :, 2]
+        # sum_n v_n k_n^T with a ones row appended to v: the last row is the denominator's sum_n k_n.
+        vk = mx.concatenate([v.swapaxes(-1, -2) @ k, k.sum(axis=-2, keepdims=True)], axis=-2)
+        o = q @ vk.swapaxes(-1, -2)  # [B, G, N, d+1]
+        o = o[..., :d] / (o[..., d:] + ATTN_EPS)
+        o = o.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, H, W, -1)
+        return x + self.norm_out(self.to_out(o))
+
+
+class GLUMBConv(nn.Module):
+    def __init__(self, channels: int, expand: int = 4):
+        super().__init__()
+        hidden = expand * channels
+        self.conv_inverted = nn.Linear(channels, 2 * hidden)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Linear(hidden, channels, bias=False)
+        self.norm = RMSNormC(channels)
+
+    def __call__(self, x):
+        h = self.conv_depth(nn.silu(self.conv_inverted(x)))
+        a, g = mx.split(h, 2, axis=-1)
+        return x + self.norm(self.conv_point(a * nn.silu(g)))
+
+
+class EfficientViTBlock(nn.Module):
+    def __init__(self, channels: int, head_dim: int, kernels: tuple):
+        super().__init__()
+        self.attn = MultiscaleLinearAttention(channels, head_dim, kernels)
+        self.conv_out = GLUMBConv(channels)
+
+    def __call__(self, x):
+        return self.conv_out(self.attn(x))
+
+
+class UpBlock(nn.Module):
+    """Nearest x2 + conv3x3, plus the shortcut: channel repeat-interleave then pixel shuffle."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.repeats = cout * 4 // cin
+
+    def __call__(self, x):
+        return self.conv(upsample_nearest2(x)) + pixel_shuffle(repeat_channels(x, self.repeats))
+
+
+class DownBlock(nn.Module):
+    """Strided conv3x3, plus the shortcut: pixel unshuffle then mean over channel groups."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.group = cin * 4 // cout
+
+    def __call__(self, x):
+        return self.conv(x) + group_mean(pixel_unshuffle(x), self.group)
+
+
+def _block(kind: str, channels: int, head_dim: int, kernels: tuple) -> nn.Module:
+    if kind == "ResBlock":
+        return ResBlock(channels)
+    return EfficientViTBlock(channels, head_dim, kernels)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        ch = cfg.decoder_block_out_channels
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.in_repeats = ch[-1] // cfg.latent_channels
+        # up_blocks[i] (checkpoint order) runs in reverse: stage n-1 first.
+        self.up_blocks = []
+        for i in range(n):
+            stage = [UpBlock(ch[i + 1], ch[i])] if i < n - 1 else []
+            stage += [_block(cfg.decoder_block_types[i], ch[i], cfg.attention_head_dim,
+                             cfg.decoder_qkv_multiscales[i])
+                      for _ in range(cfg.decoder_layers_per_block[i])]
+            self.up_blocks.append(stage)
+        self.norm_out = RMSNormC(ch[0])
+        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
+
+    def __call__(self, z):
+        """Raw DCAE latent [B, 16, T, 8] (NHWC) -> normalised mel [B, 128, 8T, 2]."""
+        h = self.conv_in(z) + repeat_channels(z, self.in_repeats)
+        for stage in reversed(self.up_blocks):
+            for blk in stage:
+                h = blk(h)
+        return self.conv_out(nn.relu(self.norm_out(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        ch = cfg.encoder_block_out_channels
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = []
+        for i in range(n):
+            stage = [_block(cfg.encoder_block_types[i], ch[i], cfg.attention_head_dim,
+                            cfg.encoder_qkv_multiscales[i])
+                     for _ in range(cfg.encoder_layers_per_block[i])]
+            if i < n - 1:
+                stage.append(DownBlock(ch[i], ch[i + 1]))
+            self.down_blocks.append(stage)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
+        self.out_group = ch[-1] // cfg.latent_channels
+        self.factor = 2 ** (n - 1)
+
+    def __call__(self, x):
+        """Normalised mel [B, 128, F, 2] (NHWC) -> raw DCAE latent [B, 16, F/8, 8]."""
+        h = self.conv_in(x)
+        for stage in self.down_blocks:
+            for blk in stage:
+                h = blk(h)
+        return self.conv_out(h) + group_mean(h, self.out_group)
+
+
+class MusicDCAE(nn.Module):
+    def __init__(self, cfg: DCAEConfig, parts: tuple = PARTS):
+        super().__init__()
+        self.config = cfg
+        self.parts = tuple(parts)
+        if "decoder" in self.parts:
+            self.decoder = Decoder(cfg)
+        if "encoder" in self.parts:
+            self.encoder = Encoder(cfg)
+
+    @property
+    def dtype(self):
+        part = self.decoder if "decoder" in self.parts else self.encoder
+        return part.conv_in.weight.dtype
+
+    def _need(self, part: str):
+        if part not in self.parts:
+            raise LofiError(MODEL_INFERENCE_FAILED, f"the DCAE was loaded without its {part}")
+
+    def decode_latents(self, latents) -> mx.array:
+        """DiT latents [B, 8, 16, T] -> log-mel [B, 2, 128, 8T] (natural log, de-normalised).
+
+        Batch items are decoded one at a time, as the reference does (bounds peak memory; the
+        DCAE has no batch-global operation, so this changes nothing numerically).
+        """
+        self._need("decoder")
+        z = mx.array(latents).astype(self.dtype)
+        if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
+            raise LofiError(INVALID_PARAMS, f"DCAE latents must be [B, {self.config.latent_channels}, "
+                            f"H, T], got {list(z.shape)}")
+        mels = []
+        for b in range(z.shape[0]):
+            zb = z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR
+            m = self.decoder(zb.transpose(0, 2, 3, 1))
+            m = (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
+            mels.append(m.transpose(0, 3, 1, 2))
+        return mx.concatenate(mels, axis=0)
+
+    def encode_mel(self, mel) -> mx.array:
+        """Log-mel [B, 2, 128, F] (F a multiple of 8) -> DiT latents [B, 8, 16, F/8]."""
+        self._need("encoder")
+        x = mx.array(mel).astype(self.dtype)
+        f = self.encoder.factor
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise LofiError(INVALID_PARAMS, f"DCAE encoder input must be [B, {self.config.in_channels}, "
+                            f"H, F] with H and F multiples of {f}, got {list(x.shape)}")
+        outs = []
+        for b in range(x.shape[0]):
+            xb = ((x[b:b + 1] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5
+            z = self.encoder(xb.transpose(0, 2, 3, 1))
+            outs.append(((z - SHIFT_FACTOR) * SCALE_FACTOR).transpose(0, 3, 1, 2))
+        return mx.concatenate(outs, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+def sanitize(weights: dict[str, np.ndarray], parts: tuple = PARTS) -> dict[str, np.ndarray]:
+    """Map diffusers AutoencoderDC keys to this module's names and MLX layouts."""
+    weights = drop_keys(weights, prefixes=tuple(f"{p}." for p in PARTS if p not in parts))
+    out = {}
+    fused: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in weights.items():
+        if ".attn.to_q." in k or ".attn.to_k." in k or ".attn.to_v." in k:
+            head, which, _ = k.rsplit(".", 2)
+            fused.setdefault(head, {})[which] = v
+            continue
+        if k.endswith(".proj_out.weight"):
+            # [3C, d_in, 1, 1] grouped by d -> [groups, d_in, d_out]
+            c, d = v.shape[:2]
+            v = v.reshape(c // d, d, d).transpose(0, 2, 1)
+        elif (".conv_inverted." in k or ".conv_point." in k) and v.ndim == 4:
+            v = v[:, :, 0, 0]  # 1x1 conv as a linear
+        elif v.ndim == 4:
+            v = v.transpose(0, 2, 3, 1)  # [O, I, kh, kw] -> [O, kh, kw, I]
+        out[k] = v
+    for head, qkv in fused.items():
+        if set(qkv) != {"to_q", "to_k", "to_v"}:
+            raise LofiError(MODEL_LOAD_FAILED, f"{head}: needs to_q, to_k and to_v, found {sorted(qkv)}")
+        out[f"{head}.to_qkv.weight"] = np.concatenate([qkv["to_q"], qkv["to_k"], qkv["to_v"]], axis=0)
+    return out
+
+
+def load(checkpoint_root: str | Path, precision: str = "fp32", parts: tuple = PARTS) -> MusicDCAE:
+    """Load the DCAE; parts=("decoder",) skips the encoder (its keys are dropped on purpose)."""
+    if precision not in DTYPES:
+        raise LofiError(INVALID_PARAMS, f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    parts = tuple(parts)
+    if not parts or any(p not in PARTS for p in parts):
+        raise LofiError(INVALID_PARAMS, f"parts must be a non-empty subset of {PARTS}, got {parts!r}")
+    cfg_dict, raw = load_component(checkpoint_root, "dcae")
+    cfg = DCAEConfig.from_dict(cfg_dict)
+    return from_weights(cfg, raw, precision, parts, str(component_dir(checkpoint_root, "dcae")))
+
+
+def from_weights(cfg: DCAEConfig, raw: dict[str, np.ndarray], precision: str = "fp32",
+                 parts: tuple = PARTS, source: str = "music_dcae_f8c8") -> MusicDCAE:
+    """Build from raw checkpoint tensors (strict: every key of the loaded parts must be used)."""
+    return load_strict(MusicDCAE(cfg, parts), sanitize(raw, parts), DTYPES[precision], source)

@@ -1,0 +1,328 @@
+"""ACE-Step's vocoder (ADaMoSHiFiGANV1): log-mel [B, 128, F] -> 44.1 kHz waveform [B, 512·F].
+
+A ConvNeXt-1D backbone turns the mel into `num_mels` features per frame; a HiFi-GAN generator
+(weight-normed convs, folded at load) upsamples them ×512 to audio (spec §9). Activations run
+channels-last `[B, L, C]`, as MLX convolutions want. The log-mel front end of the checkpoint
+(`mel_transform.*`) is recomputed in numpy by `lofi_mlx.audio.log_mel`.
+
+Half precision (fp16/bf16): the backbone's and the HiFi-GAN's residual streams are not
+normalised and grow along the network, so they are carried in fp32; every convolution and
+linear reads its input cast to the run dtype and its result is widened back to fp32 before the
+bias, the residual add, the ResBlock average and the final tanh. Norm statistics are fp32 too.
+This costs activation bandwidth, not weight memory, and cannot overflow where the reference's
+own fp16 run could.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import component_dir, load_component
+from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from ..mlxrt import mx, nn
+from .common import DTYPES, drop_keys, fold_weight_norm, layer_norm, load_strict
+
+F32 = mx.float32
+
+
+@dataclass
+class VocoderConfig:
+    input_channels: int = 128
+    depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])
+    dims: list[int] = field(default_factory=lambda: [128, 256, 384, 512])
+    kernel_sizes: list[int] = field(default_factory=lambda: [7])
+    num_mels: int = 512
+    upsample_initial_channel: int = 1024
+    upsample_rates: list[int] = field(default_factory=lambda: [4, 4, 2, 2, 2, 2, 2])
+    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [8, 8, 4, 4, 4, 4, 4])
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11, 13])
+    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5]] * 4)
+    pre_conv_kernel_size: int = 13
+    post_conv_kernel_size: int = 13
+    use_template: bool = False
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "VocoderConfig":
+        where = "music_vocoder/config.json"
+        try:
+            c = cls(
+                input_channels=int(cfg["input_channels"]),
+                depths=[int(d) for d in cfg["depths"]],
+                dims=[int(d) for d in cfg["dims"]],
+                kernel_sizes=[int(k) for k in cfg.get("kernel_sizes", [7])],
+                num_mels=int(cfg["num_mels"]),
+                upsample_initial_channel=int(cfg["upsample_initial_channel"]),
+                upsample_rates=[int(r) for r in cfg["upsample_rates"]],
+                upsample_kernel_sizes=[int(k) for k in cfg["upsample_kernel_sizes"]],
+                resblock_kernel_sizes=[int(k) for k in cfg["resblock_kernel_sizes"]],
+                resblock_dilation_sizes=[[int(d) for d in ds] for ds in cfg["resblock_dilation_sizes"]],
+                pre_conv_kernel_size=int(cfg.get("pre_conv_kernel_size", 13)),
+                post_conv_kernel_size=int(cfg.get("post_conv_kernel_size", 13)),
+                use_template=bool(cfg.get("use_template", False)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: bad or missing key {e}") from e
+        problems = []
+        if len(c.depths) != len(c.dims):
+            problems.append("depths and dims differ in length")
+        if c.dims and c.dims[-1] != c.num_mels:
+            problems.append(f"num_mels {c.num_mels} != last of dims {c.dims[-1]}")
+        if len(c.upsample_rates) != len(c.upsample_kernel_sizes):
+            problems.append("upsample_rates and upsample_kernel_sizes differ in length")
+        if len(c.resblock_kernel_sizes) != len(c.resblock_dilation_sizes):
+            problems.append("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
+        if any((k - r) % 2 for k, r in zip(c.upsample_kernel_sizes, c.upsample_rates)):
+            problems.append("an upsample kernel minus its rate is odd")
+        if c.use_template:
+            problems.append("use_template=true (noise convs) is not supported")
+        if set(c.kernel_sizes) != {7}:
+            problems.append(f"kernel_sizes {c.kernel_sizes} (only [7] is supported)")
+        if problems:
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: " + "; ".join(problems))
+        return c
+
+    @property
+    def hop(self) -> int:
+        return int(np.prod(self.upsample_rates))
+
+
+def _to(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+class Conv(nn.Module):
+    """Conv1d, weight `[out, K, in]`; zero padding keeps the length (`dilation·(K−1)/2` each side)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1, padding: int | None = None):
+        super().__init__()
+        self.weight = mx.zeros((cout, kernel, cin))
+        self.bias = mx.zeros((cout,))
+        self.dilation = dilation
+        self.padding = dilation * (kernel - 1) // 2 if padding is None else padding
+
+    def __call__(self, x):
+        y = mx.conv1d(_to(x, self.weight.dtype), self.weight, padding=self.padding, dilation=self.dilation)
+        return _to(y, F32) + _to(self.bias, F32)
+
+
+class ConvTranspose(nn.Module):
+    """ConvTranspose1d `L -> stride·L`, weight `[out, K, in]` (torch's `[in, out, K]` transposed;
+    MLX uses torch's tap order, no flip)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
+        super().__init__()
+        self.weight = mx.zeros((cout, kernel, cin))
+        self.bias = mx.zeros((cout,))
+        self.stride = stride
+        self.padding = (kernel - stride) // 2
+
+    def __call__(self, x):
+        y = mx.conv_transpose1d(_to(x, self.weight.dtype), self.weight, stride=self.stride,
+                                padding=self.padding)
+        return _to(y, F32) + _to(self.bias, F32)
+
+
+class Linear(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = mx.zeros((cout, cin))
+        self.bias = mx.zeros((cout,))
+
+    def __call__(self, x):
+        return _to(_to(x, self.weight.dtype) @ self.weight.T, F32) + _to(self.bias, F32)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over channels, eps 1e-6. Channels are the last axis here, so the reference's
+    channels-first and channels-last variants are the same operation; fp32 statistics."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return layer_norm(_to(x, F32), _to(self.weight, F32), _to(self.bias, F32), self.eps)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise Conv1d, zero padding `(K−1)/2`, weight `[C, K, 1]`."""
+
+    def __init__(self, dims: int, kernel: int):
+        super().__init__()
+        self.weight = mx.zeros((dims, kernel, 1))
+        self.bias = mx.zeros((dims,))
+        self.padding = (kernel - 1) // 2
+
+    def __call__(self, x):
+        y = mx.conv1d(_to(x, self.weight.dtype), self.weight, padding=self.padding,
+                      groups=self.weight.shape[0])
+        return _to(y, F32) + _to(self.bias, F32)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dims: int, kernel: int = 7):
+        super().__init__()
+        self.dwconv = DepthwiseConv(dims, kernel)
+        self.norm = LayerNorm(dims)
+        self.pwconv1 = Linear(dims, 4 * dims)
+        self.pwconv2 = Linear(4 * dims, dims)
+        self.gamma = mx.ones((dims,))
+
+    def __call__(self, x):
+        h = self.pwconv2(nn.gelu(self.pwconv1(self.norm(self.dwconv(x)))))  # exact erf GELU
+        return x + _to(self.gamma, F32) * h
+
+
+class StemConv(Conv):
+    """The first conv pads by replicating the edge frames (`padding_mode="replicate"`)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__(cin, cout, kernel, padding=0)
+        self.pad = (kernel - 1) // 2
+
+    def __call__(self, x):
+        x = mx.pad(x, [(0, 0), (self.pad, self.pad), (0, 0)], mode="edge")
+        return super().__call__(x)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: VocoderConfig):
+        super().__init__()
+        d = cfg.dims
+        k = cfg.kernel_sizes[0]
+        # Names follow the checkpoint: [conv, norm] for the stem, [norm, 1x1 conv] between stages.
+        self.channel_layers = [[StemConv(cfg.input_channels, d[0], k), LayerNorm(d[0])]]
+        self.channel_layers += [[LayerNorm(d[i - 1]), Linear(d[i - 1], d[i])] for i in range(1, len(d))]
+        self.stages = [[ConvNeXtBlock(d[i], k) for _ in range(cfg.depths[i])] for i in range(len(d))]
+        self.norm = LayerNorm(d[-1])
+
+    def __call__(self, x):
+        for (a, b), stage in zip(self.channel_layers, self.stages):
+            x = b(a(x))
+            for block in stage:
+                x = block(x)
+        return self.norm(x)
+
+
+class ResBlock(nn.Module):
+    """HiFi-GAN ResBlock1 with SiLU: per dilation d, x += conv_1(silu(conv_d(silu(x))))."""
+
+    def __init__(self, dims: int, kernel: int, dilations: list[int]):
+        super().__init__()
+        self.convs1 = [Conv(dims, dims, kernel, dilation=d) for d in dilations]
+        self.convs2 = [Conv(dims, dims, kernel) for _ in dilations]
+
+    def __call__(self, x):
+        for c1, c2 in zip(self.convs1, self.convs2):
+            x = x + c2(nn.silu(c1(nn.silu(x))))
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: VocoderConfig):
+        super().__init__()
+        ch = cfg.upsample_initial_channel
+        self.conv_pre = Conv(cfg.num_mels, ch, cfg.pre_conv_kernel_size)
+        self.ups = []
+        self.resblocks = []
+        for u, (rate, kernel) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
+            cin, cout = ch // 2 ** u, ch // 2 ** (u + 1)
+            self.ups.append(ConvTranspose(cin, cout, kernel, rate))
+            self.resblocks += [ResBlock(cout, k, ds) for k, ds in
+                               zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)]
+        self.conv_post = Conv(ch // 2 ** len(self.ups), 1, cfg.post_conv_kernel_size)
+
+    def __call__(self, x, taps: dict | None = None):
+        x = self.conv_pre(x)
+        if taps is not None:
+            taps["head.conv_pre"] = x
+        n = len(self.resblocks) // len(self.ups)
+        for u, up in enumerate(self.ups):
+            x = up(nn.silu(x))
+            if taps is not None:
+                taps[f"head.ups.{u}"] = x
+            blocks = self.resblocks[u * n:(u + 1) * n]
+            acc = blocks[0](x)
+            for rb in blocks[1:]:
+                acc = acc + rb(x)
+            x = acc / n
+        return mx.tanh(self.conv_post(nn.silu(x)))
+
+
+class Vocoder(nn.Module):
+    def __init__(self, cfg: VocoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.head = Head(cfg)
+
+    @property
+    def dtype(self):
+        return self.head.conv_pre.weight.dtype
+
+    def forward(self, mel: mx.array, taps: dict | None = None) -> mx.array:
+        """mel `[B, 128, F]` (channels-first, natural-log magnitude) -> wave `[B, hop·F]` fp32.
+
+        `taps`, if given, receives the channels-last intermediates `backbone`, `head.conv_pre`
+        and `head.ups.{u}` (for parity tests).
+        """
+        if mel.ndim != 3 or mel.shape[1] != self.cfg.input_channels:
+            raise LofiError(INVALID_PARAMS, f"vocoder input must be [B, {self.cfg.input_channels}, F], "
+                            f"got {list(mel.shape)}")
+        x = self.backbone(_to(mel, F32).transpose(0, 2, 1))
+        if taps is not None:
+            taps["backbone"] = x
+        y = self.head(x, taps)
+        return y.reshape(y.shape[0], -1)
+
+    def __call__(self, mel: mx.array) -> mx.array:
+        return self.forward(mel)
+
+
+_WN = ((".weight_g", ".weight_v"),
+       (".parametrizations.weight.original0", ".parametrizations.weight.original1"))
+
+
+def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map diffusers `ADaMoSHiFiGANV1` keys to this module: fold weight norm, MLX conv layouts."""
+    # The STFT window and mel filterbank buffers are rebuilt in numpy (lofi_mlx.audio).
+    weights = dict(drop_keys(weights, prefixes=("mel_transform.",)))
+    for g_suffix, v_suffix in _WN:
+        for key in [k for k in weights if k.endswith(g_suffix)]:
+            base = key[: -len(g_suffix)]
+            if base + v_suffix not in weights:
+                continue  # left as is: load_strict reports the unpaired key
+            g = weights.pop(key)
+            v = weights.pop(base + v_suffix)
+            # axis 0 is the output channel of a Conv1d and the input channel of a ConvTranspose1d
+            weights[base + ".weight"] = fold_weight_norm(g, v).astype(np.float32)
+    out = {}
+    for k, w in weights.items():
+        if k.endswith(".weight") and w.ndim == 3:
+            if k.startswith("head.ups."):
+                w = w.transpose(1, 2, 0)  # ConvTranspose1d [in, out, K] -> [out, K, in]
+            elif k.startswith("backbone.channel_layers.") and not k.startswith("backbone.channel_layers.0."):
+                w = w[:, :, 0] if w.shape[2] == 1 else w  # 1x1 conv -> linear [out, in]
+            else:
+                w = w.transpose(0, 2, 1)  # Conv1d [out, in/groups, K] -> [out, K, in/groups]
+        out[k] = w
+    return out
+
+
+def load(checkpoint_root: str | Path, precision: str = "fp32") -> Vocoder:
+    if precision not in DTYPES:
+        raise LofiError(INVALID_PARAMS, f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    cfg_dict, raw = load_component(checkpoint_root, "vocoder")
+    cfg = VocoderConfig.from_dict(cfg_dict)
+    return from_weights(cfg, raw, precision, str(component_dir(checkpoint_root, "vocoder")))
+
+
+def from_weights(cfg: VocoderConfig, raw: dict[str, np.ndarray], precision: str = "fp32",
+                 source: str = "music_vocoder") -> Vocoder:
+    """Build from raw checkpoint tensors (strict: every key must be used)."""
+    return load_strict(Vocoder(cfg), sanitize(raw), DTYPES[precision], source)
