@@ -35,7 +35,7 @@ def stage_fraction(stage: str, within: float) -> float:
 def sampler_params(p: GenerateParams):
     from .sampler.loop import SamplerParams
     return SamplerParams(
-        infer_steps=p.infer_steps, guidance_scale=p.guidance_scale, scheduler=p.scheduler,
+        infer_steps=p.infer_steps, guidance_scale=p.guidance_scale, scheduler_type=p.scheduler,
         cfg_type=p.cfg_type, omega_scale=p.omega_scale, guidance_interval=p.guidance_interval,
         guidance_interval_decay=p.guidance_interval_decay, min_guidance_scale=p.min_guidance_scale,
         use_erg_tag=p.use_erg_tag, use_erg_lyric=p.use_erg_lyric, use_erg_diffusion=p.use_erg_diffusion)
@@ -61,7 +61,7 @@ class Pipeline:
 
     # -- the stages --------------------------------------------------------------------------
     def latents(self, params: GenerateParams, noise_source=None, progress: Progress | None = None,
-                cancel: Callable[[], bool] | None = None) -> np.ndarray:
+                cancel: Callable[[], bool] | None = None, frames: int | None = None) -> np.ndarray:
         """Text encoding and sampling; returns the final latents [1, 8, 16, T]."""
         from .audio import frames_for_duration
         from .sampler.loop import build_conditions, sample
@@ -85,7 +85,7 @@ class Pipeline:
         sp = sampler_params(params)
         if noise_source is None:
             noise_source = SeededNoise(params.seed)
-        frames = frames_for_duration(params.duration_sec)
+        frames = frames or frames_for_duration(params.duration_sec)
         x0 = noise_source.randn((1, 8, 16, frames))
         lyric_ids = np.zeros((1, 1), np.int64)
         lyric_mask = np.zeros((1, 1), np.int64)

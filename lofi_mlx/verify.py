@@ -74,7 +74,7 @@ def _sampler_params(args: dict, infer_steps: int | None = None):
     return SamplerParams(
         infer_steps=int(infer_steps if infer_steps is not None else args["infer_steps"]),
         guidance_scale=float(args["guidance_scale"]),
-        scheduler=args["scheduler_type"], cfg_type=args["cfg_type"],
+        scheduler_type=args["scheduler_type"], cfg_type=args["cfg_type"],
         omega_scale=float(args["omega_scale"]), guidance_interval=float(args["guidance_interval"]),
         guidance_interval_decay=float(args["guidance_interval_decay"]),
         min_guidance_scale=float(args["min_guidance_scale"]),

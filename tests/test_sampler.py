@@ -329,3 +329,219 @@ def _merge(engine_events, trace):
             merged.append(("step", e["index"]))
     assert not pending
     return merged
+
+
+# ---------------------------------------------------------------- loop mechanics (synthetic engine)
+
+class ToyEngine:
+    """Cheap deterministic stand-in: ctx encodes its inputs, velocity depends on every argument."""
+
+    def __init__(self):
+        self.encode_calls = []
+        self.velocity_calls = []
+
+    def encode_context(self, text_hidden, text_mask, lyric_ids, lyric_mask, erg_lyric=False):
+        self.encode_calls.append((text_hidden.copy(), lyric_ids.copy(), erg_lyric))
+        b, nt, _ = text_hidden.shape
+        ctx = np.concatenate([np.zeros((b, 1, 4)),
+                              np.repeat(text_hidden[..., :1], 4, axis=-1),
+                              np.repeat(lyric_ids[..., None] * 0.1 + erg_lyric, 4, axis=-1)],
+                             axis=1).astype(np.float32)
+        mask = np.concatenate([np.ones((b, 1)), text_mask, lyric_mask], axis=1)
+        return ctx, mask.astype(np.float32)
+
+    def velocity(self, x, timestep, ctx, ctx_mask, erg):
+        self.velocity_calls.append((x.shape[0], ctx.copy(), erg.copy()))
+        bias = ctx.mean(axis=(1, 2)) + 0.5 * erg + timestep / 1000.0
+        return (0.3 * x + np.sin(x) + bias[:, None, None, None]).astype(np.float32)
+
+
+def _toy_inputs(b=2, nt=5, t=7, seed=0):
+    rng = np.random.default_rng(seed)
+    text = rng.standard_normal((b, nt, 3)).astype(np.float32)
+    null = rng.standard_normal((b, nt, 3)).astype(np.float32)
+    mask = np.ones((b, nt), np.int64)
+    lyr = np.array([[3, 5]] * b, np.int64)
+    lmask = np.ones((b, 2), np.int64)
+    x0 = SeededNoise(list(range(b))).randn((b, 8, 16, t))
+    return text, null, mask, lyr, lmask, x0
+
+
+def test_double_condition_stacks_three_branches():
+    eng = ToyEngine()
+    params = SamplerParams(infer_steps=6, guidance_scale_text=5.0, guidance_scale_lyric=2.5)
+    text, null, mask, lyr, lmask, x0 = _toy_inputs()
+    conds = build_conditions(eng, text, null, mask, lyr, lmask, params)
+    # cond, ERG null (null text + ERG lyrics), text-only (real text + ERG lyrics)
+    (t0, l0, e0), (t1, l1, e1), (t2, l2, e2) = eng.encode_calls
+    assert (e0, e1, e2) == (False, True, True)
+    np.testing.assert_array_equal(t1, null)
+    np.testing.assert_array_equal(t2, text)
+    np.testing.assert_array_equal(l2, lyr)
+    trace = []
+    sample(eng, conds, x0, params, trace=trace)
+    start, end = guidance_window(6, 0.5)
+    for i, (rows, ctx, erg) in enumerate(eng.velocity_calls):
+        if start <= i < end:
+            assert rows == 6
+            np.testing.assert_array_equal(ctx, np.concatenate(
+                [conds.ctx, conds.text_only_ctx, conds.null_ctx]))
+            np.testing.assert_array_equal(erg, [False] * 4 + [True] * 2)
+        else:
+            assert rows == 2 and not erg.any()
+    for e in trace:
+        if e["event"] == "guidance":
+            assert e["kind"] == "cfg_double"
+            np.testing.assert_array_equal(
+                e["out"], cfg_double(e["cond"], e["uncond"], e["text_only"], 5.0, 2.5))
+
+
+def test_noerg_null_and_no_guidance():
+    eng = ToyEngine()
+    text, null, mask, lyr, lmask, x0 = _toy_inputs()
+    params = SamplerParams(infer_steps=4, use_erg_lyric=False, use_erg_diffusion=False)
+    build_conditions(eng, text, null, mask, lyr, lmask, params)
+    _, (t1, l1, e1) = eng.encode_calls
+    assert not e1 and not t1.any() and not l1.any()
+    # use_erg_tag off: the null text is zeros even with ERG lyrics
+    eng = ToyEngine()
+    build_conditions(eng, text, null, mask, lyr, lmask, SamplerParams(use_erg_tag=False))
+    assert not eng.encode_calls[1][0].any() and eng.encode_calls[1][2]
+    # guidance_scale 1: no guidance, so one context and single-branch calls only
+    eng = ToyEngine()
+    params = SamplerParams(infer_steps=4, guidance_scale=1.0)
+    conds = build_conditions(eng, text, null, mask, lyr, lmask, params)
+    assert len(eng.encode_calls) == 1 and conds.null_ctx is None
+    sample(eng, conds, x0, params)
+    assert [c[0] for c in eng.velocity_calls] == [2] * 4
+
+
+@pytest.mark.parametrize("sched", ["euler", "heun", "pingpong"])
+def test_batch_rows_match_single_runs(sched):
+    """Two identical rows give the single-row result: stacking and splitting keep rows apart."""
+    text, null, mask, lyr, lmask, x0 = _toy_inputs(b=1)
+    params = SamplerParams(infer_steps=5, scheduler_type=sched)
+    eng = ToyEngine()
+    one = sample(eng, build_conditions(eng, text, null, mask, lyr, lmask, params), x0, params,
+                 noise_source=SeededNoise(3))
+    two_in = [np.concatenate([a, a]) for a in (text, null, mask, lyr, lmask, x0)]
+    eng = ToyEngine()
+    conds = build_conditions(eng, *two_in[:5], params)
+    two = sample(eng, conds, two_in[5], params, noise_source=SeededNoise([3, 3]))
+    assert_close(two[0], one[0], 1e-6, "row 0")
+    assert_close(two[1], one[0], 1e-6, "row 1")
+
+
+def test_cancel_progress_and_trace():
+    eng = ToyEngine()
+    text, null, mask, lyr, lmask, x0 = _toy_inputs()
+    params = SamplerParams(infer_steps=8, scheduler_type="heun")
+    conds = build_conditions(eng, text, null, mask, lyr, lmask, params)
+    seen = []
+    with pytest.raises(Cancelled) as err:
+        sample(eng, conds, x0, params, on_step=lambda i, n, info: seen.append((i, n)),
+               should_cancel=lambda: len(seen) == 3)
+    assert err.value.code == "CANCELLED"
+    assert seen == [(0, 15), (1, 15), (2, 15)]
+    assert len(eng.velocity_calls) == 3       # checked before the 4th evaluation
+    # heun quirk: window from N=8 -> [2, 6), indexed by the evaluation counter
+    calls = []
+    sample(eng, conds, x0, params, trace=calls.append)
+    guided = [e["index"] for e in calls if e["event"] == "guidance"]
+    assert guided == [2, 3, 4, 5]
+    assert [e["event"] for e in calls[:2]] == ["velocity", "step"]
+
+
+def test_apg_momentum_persists_only_across_guided_steps():
+    eng = ToyEngine()
+    text, null, mask, lyr, lmask, x0 = _toy_inputs()
+    params = SamplerParams(infer_steps=8)
+    trace = []
+    sample(eng, build_conditions(eng, text, null, mask, lyr, lmask, params), x0, params,
+           trace=trace)
+    g = [e for e in trace if e["event"] == "guidance"]
+    buf = MomentumBuffer()
+    for e in g:
+        np.testing.assert_array_equal(e["out"], apg(e["cond"], e["uncond"], 15.0, buf))
+        np.testing.assert_array_equal(e["momentum"], buf.running_average)
+
+
+def test_params_defaults_and_validation():
+    p = SamplerParams()
+    assert (p.infer_steps, p.guidance_scale, p.scheduler_type, p.cfg_type, p.omega_scale) == \
+        (60, 15.0, "euler", "apg", 10.0)
+    assert (p.guidance_interval, p.guidance_interval_decay, p.min_guidance_scale) == (0.5, 0.0, 3.0)
+    assert p.use_erg_tag and p.use_erg_lyric and p.use_erg_diffusion
+    assert (p.guidance_scale_text, p.guidance_scale_lyric) == (0.0, 0.0)
+    assert p.validate() is p
+    bad = [("scheduler_type", "ddim"), ("cfg_type", "pag"), ("infer_steps", 0),
+           ("infer_steps", 2.5), ("infer_steps", True), ("guidance_scale", -1.0),
+           ("guidance_scale", 101.0), ("guidance_scale", float("nan")), ("omega_scale", 1e9),
+           ("guidance_interval", 1.5), ("guidance_interval_decay", -0.1),
+           ("min_guidance_scale", "3"), ("use_erg_lyric", 1), ("zero_steps", -1)]
+    for name, value in bad:
+        with pytest.raises(LofiError) as err:
+            SamplerParams(**{name: value}).validate()
+        assert err.value.code == INVALID_PARAMS
+        assert name in err.value.message and err.value.data["field"] == name
+    with pytest.raises(LofiError) as err:
+        SamplerParams.from_dict({"infer_steps": 27, "steps": 3})
+    assert "steps" in err.value.message
+    assert SamplerParams.from_dict({"infer_steps": 27}).infer_steps == 27
+
+
+def test_audio2audio_schedule():
+    eng = ToyEngine()
+    text, null, mask, lyr, lmask, x0 = _toy_inputs()
+    params = SamplerParams(infer_steps=10)
+    trace = []
+    sample(eng, build_conditions(eng, text, null, mask, lyr, lmask, params), x0, params,
+           trace=trace, sigma_max=0.5)
+    steps = [e for e in trace if e["event"] == "step"]
+    t, _ = timesteps_sigmas("euler", 5, sigma_max=0.5)
+    assert [e["timestep"] for e in steps] == list(t)
+    assert t[0] == pytest.approx(900.0)
+    with pytest.raises(LofiError):
+        sample(eng, build_conditions(eng, text, null, mask, lyr, lmask, params), x0, params,
+               sigma_max=0.05)
+
+
+def test_noise_sources():
+    a = SeededNoise(1234).randn((2, 8, 16, 5))
+    b = SeededNoise(1234).randn((2, 8, 16, 5))
+    assert a.dtype == np.float32 and a.shape == (2, 8, 16, 5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, SeededNoise(1235).randn((2, 8, 16, 5)))
+    assert abs(float(a.mean())) < 0.2 and abs(float(a.std()) - 1) < 0.1
+    # several seeds: row i is what seed i alone would draw
+    rows = SeededNoise([7, 9]).randn((2, 8, 16, 5))
+    np.testing.assert_array_equal(rows[1], SeededNoise(9).randn((8, 16, 5)))
+    with pytest.raises(ValueError):
+        SeededNoise([7, 9]).randn((3, 8))
+    with pytest.raises(ValueError):
+        SeededNoise(-1)
+    seeds = {random_seed() for _ in range(20)}
+    assert all(0 <= s < 2**32 for s in seeds) and len(seeds) > 1
+    inj = InjectedNoise([np.zeros((1, 2)), np.ones((1, 2))])
+    np.testing.assert_array_equal(inj.randn((1, 2)), 0)
+    with pytest.raises(ValueError):
+        inj.randn((2, 2))
+    np.testing.assert_array_equal(inj.randn((1, 2)), 1)
+    with pytest.raises(RuntimeError):
+        inj.randn((1, 2))
+
+
+def test_pingpong_needs_noise():
+    eng = ToyEngine()
+    text, null, mask, lyr, lmask, x0 = _toy_inputs()
+    params = SamplerParams(infer_steps=3, scheduler_type="pingpong")
+    with pytest.raises(ValueError):
+        sample(eng, build_conditions(eng, text, null, mask, lyr, lmask, params), x0, params)
+
+
+def test_sampler_imports_no_ml_framework():
+    code = ("import sys, lofi_mlx.sampler, lofi_mlx.sampler.loop; "
+            "bad = [m for m in ('mlx', 'onnxruntime', 'torch') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

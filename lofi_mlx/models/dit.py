@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +121,20 @@ def timestep_sinusoid(t) -> mx.array:
     return mx.concatenate([mx.cos(a), mx.sin(a)], axis=-1)
 
 
+def gpu_compiled(fn):
+    """mx.compile (fused elementwise kernels) on the GPU; plain ops on the CPU, where the JIT's
+    per-shape start-up (a C++ compile, ~1 s) outweighs the gain."""
+    compiled = mx.compile(fn)
+
+    @wraps(fn)
+    def call(*args):
+        return (compiled if mx.default_device().type == mx.DeviceType.gpu else fn)(*args)
+
+    call.compiled = compiled
+    return call
+
+
+@gpu_compiled
 def apply_rope(x, cos, sin):
     """x [B, N, H, d]; cos/sin [N, d]. Pairs (2i, 2i+1) rotate, each element at its own frequency."""
     xf = x.astype(mx.float32)
@@ -227,23 +241,27 @@ class CrossAttention(nn.Module):
         k, v = kv
         o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v,
                                                  scale=1.0 / math.sqrt(d), mask=key_mask)
-        # a row whose keys are all masked is NaN in the reference; give it 0 instead
-        o = mx.where(has_key, o, 0.0)
+        if has_key is not None:  # a row with every key masked is NaN in the reference; give 0
+            o = mx.where(has_key, o, 0.0)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, T, D))
 
 
-class DepthwiseConv3(nn.Module):
-    """Depthwise Conv1d, kernel 3, zero padding 1, along time, as three shifted multiply-adds."""
+@gpu_compiled
+def conv3_glu(u, w, b):
+    """SiLU, depthwise Conv1d k=3 (zero padding) along time as three shifted multiply-adds
+    (tap k multiplies u[t-1+k]), then value * SiLU(gate) over the two channel halves."""
+    u = nn.silu(u)
+    p = mx.pad(u, [(0, 0), (1, 1), (0, 0)])
+    y = p[:, :-2] * w[0] + p[:, 1:-1] * w[1] + p[:, 2:] * w[2] + b
+    a, g = mx.split(y, 2, axis=-1)
+    return a * nn.silu(g)
 
+
+class DepthwiseConv3(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.weight = mx.zeros((3, channels))  # tap k multiplies u[t - 1 + k]
+        self.weight = mx.zeros((3, channels))  # [C, 1, 3] in the checkpoint
         self.bias = mx.zeros((channels,))
-
-    def __call__(self, u):
-        p = mx.pad(u, [(0, 0), (1, 1), (0, 0)])
-        w = self.weight
-        return p[:, :-2] * w[0] + p[:, 1:-1] * w[1] + p[:, 2:] * w[2] + self.bias
 
 
 class GLUMBConv(nn.Module):
@@ -255,9 +273,8 @@ class GLUMBConv(nn.Module):
         self.point_conv = nn.Linear(F, cfg.width, bias=False)
 
     def __call__(self, x):
-        u = self.depth_conv(nn.silu(self.inverted_conv(x)))
-        a, g = mx.split(u, 2, axis=-1)                                    # value, gate
-        return self.point_conv(a * nn.silu(g))
+        u = conv3_glu(self.inverted_conv(x), self.depth_conv.weight, self.depth_conv.bias)
+        return self.point_conv(u)
 
 
 class DiTBlock(nn.Module):
@@ -379,7 +396,8 @@ class ACEStepDiT(nn.Module):
         # only an exact 1 lets a key through, as in the reference's where(mask == 1, 0, -inf)
         keep = _as_mx(ctx_mask) == 1
         key_mask = keep[:, None, None, :]
-        has_key = mx.any(keep, axis=1)[:, None, None, None]
+        has_key = mx.any(keep, axis=1)
+        has_key = None if mx.all(has_key).item() else has_key[:, None, None, None]
         if cross_kv is None:
             cross_kv = self.cross_kv(ctx)
         q_scale = None
