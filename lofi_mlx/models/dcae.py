@@ -10,6 +10,7 @@ multiscale linear attention (its input is upcast, sums and the division run in f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +204,54 @@ class ResBlock(nn.Module):
         return x + self.norm(self.conv2(nn.silu(self.conv1(x))))
 
 
+def _shifted_sum(xp, w):
+    """Depthwise conv as k*k shifted multiply-adds on a padded input, accumulated in fp32."""
+    k = w.shape[1]
+    H, W = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+    acc = None
+    for i in range(k):
+        for j in range(k):
+            term = xp[:, i:i + H, j:j + W, :].astype(mx.float32) * w[:, i, j, 0].astype(mx.float32)
+            acc = term if acc is None else acc + term
+    return acc.astype(xp.dtype)
+
+
+_shifted_sum_fused = mx.compile(_shifted_sum)
+
+
+@functools.cache
+def _cpu_fusion_works() -> bool:
+    """mx.compile on the CPU JIT-compiles C++; without a working compiler use mx.conv2d."""
+    try:
+        mx.eval(mx.compile(lambda a: a * 2.0 + 1.0)(mx.ones((4,))))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: do not use the fused path
+        return False
+
+
+class DepthwiseConv2d(nn.Module):
+    """Per-channel kxk conv, stride 1, zero padding k//2; weight [C, k, k, 1] as nn.Conv2d.
+
+    On Metal mx.conv2d has a dedicated depthwise kernel. On the CPU it does not (measured ~3x
+    slower than one fused kernel of shifted multiply-adds at 16 x 640 x 2048), so there the
+    shifted form is compiled instead.
+    """
+
+    def __init__(self, channels: int, kernel: int, bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel, kernel, 1))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+    def __call__(self, x):
+        p = self.weight.shape[1] // 2
+        if mx.default_device().type == mx.DeviceType.cpu and _cpu_fusion_works():
+            y = _shifted_sum_fused(mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)]), self.weight)
+        else:
+            y = mx.conv2d(x, self.weight, padding=p, groups=x.shape[-1])
+        return y + self.bias if "bias" in self else y
+
+
 class GroupedLinear(nn.Module):
     """1x1 conv with `groups` groups, as one batched matmul; weight [groups, in, out].
 
@@ -222,8 +271,7 @@ class GroupedLinear(nn.Module):
 class MultiscaleProjection(nn.Module):
     def __init__(self, channels: int, groups: int, kernel: int):
         super().__init__()
-        self.proj_in = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels,
-                                 bias=False)
+        self.proj_in = DepthwiseConv2d(channels, kernel, bias=False)
         self.proj_out = GroupedLinear(groups, channels // groups)
 
     def __call__(self, x):
@@ -273,7 +321,7 @@ class GLUMBConv(nn.Module):
         super().__init__()
         hidden = expand * channels
         self.conv_inverted = nn.Linear(channels, 2 * hidden)
-        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_depth = DepthwiseConv2d(2 * hidden, 3, bias=True)
         self.conv_point = nn.Linear(hidden, channels, bias=False)
         self.norm = RMSNormC(channels)
 
@@ -293,6 +341,12 @@ class EfficientViTBlock(nn.Module):
         return self.conv_out(self.attn(x))
 
 
+# Nearest x2 then a 3x3 conv == four 2x2 convs on the low-res input, one per output phase:
+# along each axis phase 0 sees rows (i-1, i) with kernel rows (w0, w1+w2), phase 1 sees (i, i+1)
+# with (w0+w1, w2). 4/9 of the multiply-adds, and the x2 input is never materialised.
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)  # [phase, tap, k]
+
+
 class UpBlock(nn.Module):
     """Nearest x2 + conv3x3, plus the shortcut: channel repeat-interleave then pixel shuffle."""
 
@@ -301,8 +355,23 @@ class UpBlock(nn.Module):
         self.conv = nn.Conv2d(cin, cout, 3, padding=1)
         self.repeats = cout * 4 // cin
 
+    def phase_weight(self):
+        """[cout, 3, 3, cin] -> [4*cout, 2, 2, cin], output channel (2a + b)*cout + o (fp32 sums)."""
+        w = self.conv.weight
+        taps = mx.array(_PHASE_TAPS)
+        k = mx.einsum("apy,bqx,oyxi->abopqi", taps, taps, w.astype(mx.float32))
+        return k.reshape(-1, 2, 2, w.shape[-1]).astype(w.dtype)
+
     def __call__(self, x):
-        return self.conv(upsample_nearest2(x)) + pixel_shuffle(repeat_channels(x, self.repeats))
+        B, H, W, _ = x.shape
+        cout = self.conv.weight.shape[0]
+        y = mx.conv2d(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), self.phase_weight())
+        y = y.reshape(B, H + 1, W + 1, 2, 2, cout) + self.conv.bias
+        # shortcut S[k, 2i+a, 2j+b] = x[(4k + 2a + b) // repeats, i, j], also split by phase
+        s = repeat_channels(x, self.repeats).reshape(B, H, W, cout, 2, 2)
+        rows = [mx.stack([y[:, a:a + H, b:b + W, a, b] + s[..., a, b] for b in (0, 1)], axis=3)
+                for a in (0, 1)]
+        return mx.stack(rows, axis=2).reshape(B, 2 * H, 2 * W, cout)
 
 
 class DownBlock(nn.Module):
@@ -397,36 +466,37 @@ class MusicDCAE(nn.Module):
             raise LofiError(MODEL_INFERENCE_FAILED, f"the DCAE was loaded without its {part}")
 
     def decode_latents(self, latents) -> mx.array:
-        """DiT latents [B, 8, 16, T] -> log-mel [B, 2, 128, 8T] (natural log, de-normalised).
+        """DiT latents [B, 8, 16, T] -> log-mel [B, 2, 128, 8T] (natural log, de-normalised), fp32.
 
-        Batch items are decoded one at a time, as the reference does (bounds peak memory; the
-        DCAE has no batch-global operation, so this changes nothing numerically).
+        The affine maps around the network run in fp32 (the reference rounds each to the run
+        dtype; fp32 is closer to the fp32 reference). Batch items are decoded one at a time, as
+        the reference does: the DCAE has no batch-global operation, and it bounds peak memory.
         """
         self._need("decoder")
-        z = mx.array(latents).astype(self.dtype)
+        z = mx.array(latents).astype(mx.float32)
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise LofiError(INVALID_PARAMS, f"DCAE latents must be [B, {self.config.latent_channels}, "
                             f"H, T], got {list(z.shape)}")
         mels = []
         for b in range(z.shape[0]):
-            zb = z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR
-            m = self.decoder(zb.transpose(0, 2, 3, 1))
+            zb = (z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR).astype(self.dtype)
+            m = self.decoder(zb.transpose(0, 2, 3, 1)).astype(mx.float32)
             m = (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
             mels.append(m.transpose(0, 3, 1, 2))
         return mx.concatenate(mels, axis=0)
 
     def encode_mel(self, mel) -> mx.array:
-        """Log-mel [B, 2, 128, F] (F a multiple of 8) -> DiT latents [B, 8, 16, F/8]."""
+        """Log-mel [B, 2, 128, F] (F a multiple of 8) -> DiT latents [B, 8, 16, F/8], fp32."""
         self._need("encoder")
-        x = mx.array(mel).astype(self.dtype)
+        x = mx.array(mel).astype(mx.float32)
         f = self.encoder.factor
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
             raise LofiError(INVALID_PARAMS, f"DCAE encoder input must be [B, {self.config.in_channels}, "
                             f"H, F] with H and F multiples of {f}, got {list(x.shape)}")
         outs = []
         for b in range(x.shape[0]):
-            xb = ((x[b:b + 1] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5
-            z = self.encoder(xb.transpose(0, 2, 3, 1))
+            xb = (((x[b:b + 1] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5).astype(self.dtype)
+            z = self.encoder(xb.transpose(0, 2, 3, 1)).astype(mx.float32)
             outs.append(((z - SHIFT_FACTOR) * SCALE_FACTOR).transpose(0, 3, 1, 2))
         return mx.concatenate(outs, axis=0)
 

@@ -24,7 +24,7 @@ MAX_OMEGA = 100.0
 
 @dataclass
 class SamplerParams:
-    """Sampling knobs with the defaults of the reference's ACEStepPipeline.__call__ (spec §11.1)."""
+    """Sampling knobs; defaults are those of the reference's ACEStepPipeline.__call__ (§11.1)."""
 
     infer_steps: int = 60
     guidance_scale: float = 15.0
@@ -98,7 +98,7 @@ class SamplerParams:
 
 @dataclass
 class Conditions:
-    """Encoded contexts [B, L, D]; every branch shares the conditional ctx_mask (as the reference)."""
+    """Encoded contexts [B, L, D]; every branch shares the conditional ctx_mask, as in reference."""
 
     ctx: np.ndarray
     ctx_mask: np.ndarray
@@ -159,8 +159,9 @@ def sample(engine, conditions: Conditions, noise_latents: np.ndarray, params: Sa
     """Denoise noise_latents [B, 8, 16, T] into final latents (float32).
 
     noise_source: needed by pingpong (one N(0,1) draw of the latent shape per step).
-    on_step(i, total, info): after every loop step (total = number of DiT evaluations rounds,
-    2N-1 for heun). should_cancel(): polled before every evaluation; True raises Cancelled.
+    on_step(i, total, info): after every loop step; total = loop length (N, or 2N-1 for heun),
+    info = {timestep, guided, guidance_scale, rows}. should_cancel(): polled before every
+    evaluation; True raises Cancelled.
     trace: a list (dicts appended) or a callable receiving one dict per velocity call
     ("velocity"), guidance ("guidance") and scheduler step ("step").
     sigma_max < 1 (audio2audio, = 1 - strength) shortens the run to int(sigma_max * N) steps

@@ -100,7 +100,7 @@ class HeunStep:
             base = x
         else:
             s = self.sigmas[index]
-            d = _F32(0.5) * (self._d + v)
+            d = _F32(0.5) * (self._d + (x - (x - v * s)) / s)
             dt, base = self._dt, self._x
             self._d = self._dt = self._x = None
         return base + _omega_update(d * dt, self.omega)

@@ -93,9 +93,25 @@ local function nonneg_int(v)
   return type(v) == "number" and v >= 0 and v == math.floor(v)
 end
 
+local has_011 = vim.fn.has("nvim-0.11") == 1
+
+--- vim.validate(name, value, validator, optional, message) on Neovim 0.10 too.
+function M.validate(name, value, validator, optional, message)
+  if has_011 then
+    return vim.validate(name, value, validator, optional, message)
+  end
+  if optional and value == nil then
+    return
+  end
+  if type(validator) == "function" then
+    return vim.validate({ [name] = { value, validator, message } })
+  end
+  return vim.validate({ [name] = { value, validator } })
+end
+
 local function check(name, value, validator, optional, expected)
   -- Own message format: "lofi: option `ui.icon`: expected string, got 3".
-  local ok, err = pcall(vim.validate, name, value, validator, optional, expected)
+  local ok, err = pcall(M.validate, name, value, validator, optional, expected)
   if not ok then
     error("lofi: option `" .. tostring(err):gsub("^[^:]-:%d+: ", ""), 0)
   end

@@ -1,0 +1,1 @@
+"""Converters from the Hugging Face checkpoint to each engine's native form (to_mlx: MLX)."""

@@ -1,0 +1,98 @@
+"""What each backend is, whether it can run here, and how its pipeline is opened.
+
+"ace-step" is this product's model; its state comes from the checkpoint under
+`$LOFI_HOME/ace-step/`. "musicgen" is named by the user's feature document but not part of this
+product: it is reported honestly as not installed so the editor can say so. Nothing here imports
+an ML framework; `open_pipeline` does, on the worker thread, when the first job runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+from .. import MODEL_VERSION
+from ..checkpoint import check_checkpoint
+from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
+from ..params import MAX_DURATION, MIN_DURATION, SAMPLE_RATE
+from ..settings import BACKENDS, Settings
+
+MUSICGEN_MESSAGE = ("MusicGen is not part of this product: lofi generates with ACE-Step "
+                    "(up to 240 s per track). Use the ace-step backend.")
+
+
+def open_pipeline(settings: Settings):
+    """Create the engine and the pipeline (lazy: networks load when their stage first runs)."""
+    from ..engines import create_engine
+    from ..pipeline import Pipeline
+
+    engine = create_engine(settings.checkpoint_dir, settings.engine, settings.precision,
+                           settings.device, settings.threads, settings.keep_loaded)
+    return Pipeline(settings.checkpoint_dir, engine)
+
+
+class Backends:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.current = settings.backend
+
+    def check_name(self, name) -> str:
+        if not isinstance(name, str) or name not in BACKENDS:
+            raise LofiError(INVALID_PARAMS, f"backend must be one of {', '.join(BACKENDS)}, got {name!r}",
+                            {"field": "backend", "allowed": list(BACKENDS)})
+        return name
+
+    def state(self, name: str) -> tuple[str, str | None]:
+        """(ready | not_installed | damaged, message a person can act on)."""
+        if name == "musicgen":
+            return "not_installed", MUSICGEN_MESSAGE
+        try:
+            check_checkpoint(self.settings.checkpoint_dir)
+        except LofiError as e:
+            if e.code == MODEL_NOT_FOUND:
+                return "not_installed", f"{e.message}"
+            return "damaged", f"{e.message} (run `lofi setup ace-step` to repair it)"
+        return "ready", None
+
+    def require_ready(self, name: str) -> None:
+        state, message = self.state(name)
+        if state == "not_installed":
+            raise LofiError(MODEL_NOT_FOUND, message, {"backend": name, "state": state})
+        if state != "ready":
+            raise LofiError(MODEL_LOAD_FAILED, message, {"backend": name, "state": state})
+
+    def engine_name(self) -> str:
+        """The engine a job will run on: what track ids are computed with."""
+        if self.settings.engine != "auto":
+            return self.settings.engine
+        from ..engines import default_engine  # find_spec only: imports no framework
+        return default_engine()
+
+    def identity(self) -> tuple[str, str]:
+        return self.engine_name(), self.settings.precision
+
+    def predicted_device(self, engine: str | None) -> str:
+        if self.settings.device != "auto" or engine != "mlx":
+            return self.settings.device
+        return "gpu" if sys.platform == "darwin" and platform.machine() == "arm64" else "cpu"
+
+    def describe(self, name: str, live: dict | None = None) -> dict:
+        """One backend for get_backends; `live` is what the worker's engine reports, if it exists."""
+        state, message = self.state(name)
+        base = {"name": name, "state": state, "message": message, "current": name == self.current}
+        if name == "musicgen":
+            return dict(base, min_duration_sec=None, max_duration_sec=30.0, sample_rate=None,
+                        model_version=None, engine=None, device=None, precision=None, path=None)
+        try:
+            engine, engine_message = self.engine_name(), None
+        except LofiError as e:
+            engine, engine_message = None, e.message
+        live = live or {}
+        from ..engines import available_engines
+        return dict(base, min_duration_sec=MIN_DURATION, max_duration_sec=MAX_DURATION,
+                    sample_rate=SAMPLE_RATE, model_version=MODEL_VERSION,
+                    engine=live.get("engine") or engine,
+                    device=live.get("device") or self.predicted_device(engine),
+                    precision=live.get("precision") or self.settings.precision,
+                    engine_message=engine_message, engines=available_engines(),
+                    path=str(self.settings.checkpoint_dir))

@@ -1,0 +1,363 @@
+-- :Lofi — parsing, dispatch and completion.
+local config = require("lofi.config")
+
+local M = {}
+
+M.SUBCOMMANDS = {
+  "generate",
+  "setup",
+  "config",
+  "cancel",
+  "play",
+  "pause",
+  "resume",
+  "stop",
+  "volume",
+  "status",
+  "list",
+}
+
+-- `key=value` words accepted by `:Lofi [generate]`, with the generate() field they set.
+M.OPTION_WORDS = {
+  seed = { "seed", "integer" },
+  steps = { "infer_steps", "integer" },
+  infer_steps = { "infer_steps", "integer" },
+  guidance = { "guidance_scale", "number" },
+  guidance_scale = { "guidance_scale", "number" },
+  scheduler = { "scheduler", config.SCHEDULERS },
+  cfg = { "cfg_type", config.CFG_TYPES },
+  cfg_type = { "cfg_type", config.CFG_TYPES },
+  omega = { "omega_scale", "number" },
+  omega_scale = { "omega_scale", "number" },
+  priority = { "priority", config.PRIORITIES },
+  backend = { "backend", config.BACKENDS },
+  duration = { "duration_sec", "number" },
+}
+
+local function words(s)
+  local out = {}
+  for w in s:gmatch("%S+") do
+    out[#out + 1] = w
+  end
+  return out
+end
+
+local function is_number(w)
+  return w:match("^%d+$") or w:match("^%d+%.%d*$") or w:match("^%.%d+$")
+end
+
+--- Parse the words of `:Lofi [generate] {prompt} [duration] [key=value ...]` into generate() opts.
+--- A trailing number is the duration only when it is a word of its own.
+---@return table? opts, string? err
+function M.parse_generate(args)
+  local opts = {}
+  local prompt_words = {}
+  for _, w in ipairs(words(args)) do
+    local key, value = w:match("^([%a_]+)=(.+)$")
+    local spec = key and M.OPTION_WORDS[key]
+    if spec then
+      local field, kind = spec[1], spec[2]
+      if type(kind) == "table" then
+        if not vim.tbl_contains(kind, value) then
+          return nil, ("%s must be one of %s"):format(key, table.concat(kind, ", "))
+        end
+        opts[field] = value
+      else
+        local n = tonumber(value)
+        if not n or (kind == "integer" and n ~= math.floor(n)) then
+          return nil, ("%s must be %s, got %q"):format(key, kind == "integer" and "an integer" or "a number", value)
+        end
+        opts[field] = n
+      end
+    else
+      prompt_words[#prompt_words + 1] = w
+    end
+  end
+  local last = prompt_words[#prompt_words]
+  if last and is_number(last) and opts.duration_sec == nil then
+    opts.duration_sec = tonumber(last)
+    prompt_words[#prompt_words] = nil
+  end
+  local prompt = table.concat(prompt_words, " ")
+  prompt = prompt:gsub('^"(.*)"$', "%1"):gsub("^'(.*)'$", "%1")
+  if prompt ~= "" then
+    opts.prompt = prompt
+  end
+  return opts
+end
+
+--- Parse a whole `:Lofi` argument string into {cmd = name, ...}.
+---@return table? parsed, string? err
+function M.parse(args)
+  args = vim.trim(args or "")
+  if args == "" then
+    return nil, "usage: :Lofi {prompt} [duration] | :Lofi " .. table.concat(M.SUBCOMMANDS, "|")
+  end
+  local first, rest = args:match("^(%S+)%s*(.*)$")
+  if not vim.tbl_contains(M.SUBCOMMANDS, first) then
+    first, rest = "generate", args
+  end
+  if first == "generate" then
+    local opts, err = M.parse_generate(rest)
+    if not opts then
+      return nil, err
+    end
+    return { cmd = "generate", opts = opts }
+  elseif first == "setup" then
+    local backend = vim.trim(rest)
+    if not vim.tbl_contains(config.BACKENDS, backend) then
+      return nil, "usage: :Lofi setup {" .. table.concat(config.BACKENDS, "|") .. "}"
+    end
+    return { cmd = "setup", backend = backend }
+  elseif first == "config" then
+    local w = words(rest)
+    if w[1] == "backend" and #w == 2 and vim.tbl_contains(config.BACKENDS, w[2]) then
+      return { cmd = "config", key = "backend", value = w[2] }
+    end
+    return nil, "usage: :Lofi config backend {" .. table.concat(config.BACKENDS, "|") .. "}"
+  elseif first == "cancel" then
+    local w = words(rest)
+    if #w > 1 then
+      return nil, "usage: :Lofi cancel [track_id]"
+    end
+    return { cmd = "cancel", track_id = w[1] }
+  elseif first == "play" then
+    return { cmd = "play", path = rest ~= "" and rest or nil }
+  elseif first == "volume" then
+    local n = tonumber(vim.trim(rest))
+    if not n or n < 0 or n > 100 then
+      return nil, "usage: :Lofi volume {0-100}"
+    end
+    return { cmd = "volume", level = n }
+  else
+    if rest ~= "" then
+      return nil, ("usage: :Lofi %s (takes no arguments)"):format(first)
+    end
+    return { cmd = first }
+  end
+end
+
+local function info(msg)
+  vim.notify("lofi: " .. msg, vim.log.levels.INFO, { title = "lofi" })
+end
+
+local function fail(msg)
+  vim.notify("lofi: " .. msg, vim.log.levels.ERROR, { title = "lofi" })
+end
+
+local function on_err(what)
+  return function(err)
+    if err then
+      fail(("%s: [%s] %s"):format(what, err.code, err.message))
+    end
+  end
+end
+
+local function human_bytes(n)
+  n = tonumber(n)
+  if not n then
+    return "?"
+  end
+  local units = { "B", "KB", "MB", "GB", "TB" }
+  local i = 1
+  while n >= 1024 and i < #units do
+    n, i = n / 1024, i + 1
+  end
+  return ("%.1f %s"):format(n, units[i])
+end
+M.human_bytes = human_bytes
+
+local function format_status(st)
+  local lines = {}
+  local r = st.running or st.current
+  if type(r) == "table" and r.track_id then
+    lines[#lines + 1] = ("running %s: %s %s%%"):format(r.track_id, r.stage or "", r.percent or 0)
+  else
+    lines[#lines + 1] = "idle"
+  end
+  if type(st.queue) == "table" and #st.queue > 0 then
+    lines[#lines + 1] = ("queued: %d"):format(#st.queue)
+  end
+  local parts = {}
+  for _, k in ipairs({ "backend", "engine", "device", "precision" }) do
+    if st[k] ~= nil then
+      parts[#parts + 1] = ("%s=%s"):format(k, tostring(st[k]))
+    end
+  end
+  if #parts > 0 then
+    lines[#lines + 1] = table.concat(parts, " ")
+  end
+  return table.concat(lines, "\n")
+end
+
+local function confirm_setup(lofi, backend)
+  lofi.backends(function(err, res)
+    local size
+    if not err and type(res) == "table" then
+      for _, b in ipairs(res.backends or res) do
+        if type(b) == "table" and (b.name == backend or b.backend == backend) then
+          size = b.download_bytes or b.size_bytes or b.total_bytes
+          if b.state == "ready" then
+            info(backend .. " is already installed")
+            return
+          end
+        end
+      end
+    end
+    local home = config.home()
+    local stat = vim.uv.fs_statfs(vim.fn.isdirectory(home) == 1 and home or vim.fs.dirname(home))
+    local free = stat and stat.bavail * stat.bsize or nil
+    local msg = ("Download %s (%s) into %s? Free disk: %s"):format(
+      backend,
+      size and human_bytes(size) or "about 7.7 GB",
+      home,
+      free and human_bytes(free) or "unknown"
+    )
+    if vim.fn.confirm(msg, "&Yes\n&No", 2) ~= 1 then
+      return
+    end
+    info("setting up " .. backend .. " (progress in the statusline)")
+    lofi.install(backend, function(e)
+      if e then
+        fail(("setup %s: [%s] %s"):format(backend, e.code, e.message))
+      else
+        info(backend .. " is ready")
+      end
+    end)
+  end)
+end
+
+--- Run a parsed command.
+function M.run(parsed)
+  local lofi = require("lofi")
+  local c = parsed.cmd
+  if c == "generate" then
+    local job
+    job = lofi.generate(parsed.opts, function(err, track)
+      if err then
+        -- ui.lua already reports errors the daemon announced for a known job
+        if not job.track_id or err.code == "DAEMON_EXITED" then
+          fail(("generate: [%s] %s"):format(err.code, err.message))
+        end
+        return
+      end
+      if config.options.playback.autoplay then
+        lofi.play(track.path)
+      end
+    end)
+  elseif c == "setup" then
+    confirm_setup(lofi, parsed.backend)
+  elseif c == "config" then
+    lofi.set_backend(parsed.value, function(err)
+      if err then
+        fail(("backend %s: [%s] %s"):format(parsed.value, err.code, err.message))
+      else
+        info("backend: " .. parsed.value)
+      end
+    end)
+  elseif c == "cancel" then
+    lofi.cancel(parsed.track_id, on_err("cancel"))
+  elseif c == "play" then
+    lofi.play(parsed.path, on_err("play"))
+  elseif c == "pause" or c == "resume" or c == "stop" then
+    lofi[c](on_err(c))
+  elseif c == "volume" then
+    lofi.volume(parsed.level, on_err("volume"))
+  elseif c == "status" then
+    lofi.status(function(err, st)
+      if err then
+        return fail(("status: [%s] %s"):format(err.code, err.message))
+      end
+      info(format_status(st))
+    end)
+  elseif c == "list" then
+    lofi.list(function(err, res)
+      if err then
+        return fail(("list: [%s] %s"):format(err.code, err.message))
+      end
+      local tracks = (type(res) == "table" and (res.tracks or res)) or {}
+      if #tracks == 0 then
+        return info("no cached tracks")
+      end
+      vim.ui.select(tracks, {
+        prompt = "lofi: play a track",
+        format_item = function(t)
+          return ("%s  %4.0fs  %s"):format(t.track_id or "?", tonumber(t.duration_sec) or 0, t.prompt or t.path or "")
+        end,
+      }, function(t)
+        if t and t.path then
+          lofi.play(t.path, on_err("play"))
+        end
+      end)
+    end)
+  end
+end
+
+--- Entry point of the :Lofi user command.
+function M.command(args)
+  local parsed, err = M.parse(args)
+  if not parsed then
+    return fail(err)
+  end
+  M.run(parsed)
+end
+
+local function filter(items, lead)
+  return vim.tbl_filter(function(s)
+    return vim.startswith(s, lead)
+  end, items)
+end
+
+--- Completion for :Lofi.
+function M.complete(arglead, cmdline, _)
+  local before = cmdline:gsub("^%s*%S+%s*", "", 1) -- drop the command name
+  local w = words(before)
+  if arglead ~= "" then
+    table.remove(w) -- the word being completed
+  end
+  if #w == 0 then
+    return filter(M.SUBCOMMANDS, arglead)
+  end
+  local sub = w[1]
+  if sub == "setup" and #w == 1 then
+    return filter(config.BACKENDS, arglead)
+  elseif sub == "config" then
+    if #w == 1 then
+      return filter({ "backend" }, arglead)
+    elseif #w == 2 and w[2] == "backend" then
+      return filter(config.BACKENDS, arglead)
+    end
+    return {}
+  elseif sub == "cancel" and #w == 1 then
+    local ids = {}
+    for _, j in ipairs(require("lofi.ui").state().jobs) do
+      ids[#ids + 1] = j.track_id
+    end
+    return filter(ids, arglead)
+  elseif sub == "play" then
+    return vim.fn.getcompletion(arglead, "file")
+  elseif sub == "volume" and #w == 1 then
+    return filter({ "0", "25", "50", "75", "100" }, arglead)
+  elseif sub == "generate" or not vim.tbl_contains(M.SUBCOMMANDS, sub) then
+    local key = arglead:match("^([%a_]+)=")
+    if key and M.OPTION_WORDS[key] and type(M.OPTION_WORDS[key][2]) == "table" then
+      return filter(
+        vim.tbl_map(function(v)
+          return key .. "=" .. v
+        end, M.OPTION_WORDS[key][2]),
+        arglead
+      )
+    end
+    if arglead ~= "" and arglead:match("^[%a_]+$") then
+      local keys = vim.tbl_map(function(k)
+        return k .. "="
+      end, vim.tbl_keys(M.OPTION_WORDS))
+      table.sort(keys)
+      return filter(keys, arglead)
+    end
+    return {}
+  end
+  return {}
+end
+
+return M
