@@ -4,7 +4,7 @@ miniaudio (a self-contained audio library with its own decoders and backends) pl
 external player (afplay, pw-play, paplay, ffplay, mpv) is only a fallback. Whatever plays, the
 Player only ever stops, pauses or signals the playback it started itself.
 
-Methods for the daemon's dispatch table (params -> result, see `register`):
+Methods for the daemon's dispatch table (params -> result, see `install`):
   play {path, volume?}  pause {}  resume {}  stop {}  volume {volume?}  playback_status {}
 and notifications `playback_started` {path, player, volume, duration_sec} and
 `playback_ended` {path, player, reason: finished|stopped|replaced|error, position_sec}.
@@ -40,7 +40,6 @@ EXTERNAL_PLAYERS: dict[str, Callable[[str, float], list[str]]] = {
     "mpv": lambda p, v: ["mpv", "--no-video", "--really-quiet", f"--volume={int(round(v))}", p],
 }
 
-_DRAIN_SEC = 0.25  # let the device play out its last buffer before closing it
 _SLICE = 4096  # frames per decoder read (miniaudio's stream storage is 16384)
 
 Notify = Callable[[str, dict], None]
@@ -50,20 +49,10 @@ def _gain(volume: float) -> float:
     return (volume / 100.0) ** 2
 
 
-def _check_params(params: dict | None, allowed: set[str]) -> dict:
-    params = params or {}
-    if not isinstance(params, dict):
-        raise LofiError(INVALID_PARAMS, "params must be an object")
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise LofiError(INVALID_PARAMS, f"unknown param(s): {', '.join(unknown)}; "
-                        f"allowed: {', '.join(sorted(allowed)) or 'none'}")
-    return params
-
-
 def _check_volume(v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
-        raise LofiError(INVALID_PARAMS, f"volume must be a number from 0 to 100, got {v!r}")
+        raise LofiError(INVALID_PARAMS, f"volume must be a number from 0 to 100, got {v!r}",
+                        {"field": "volume"})
     return float(v)
 
 
@@ -268,14 +257,22 @@ class Player:
     # -- transport ----------------------------------------------------------------------------
 
     def _ended(self, token: int, reason: str):
+        """The file ran out (or the external player exited): tidy up and announce it once."""
         with self._lock:
             if token != self._token or self._out is None:
                 return
-            out, path, player = self._out, self._path, self._player
-            position = out.position
+            out = self._out
+        if isinstance(out, _MiniaudioOutput):
+            # the decoder ran dry; the device still has its buffer to play
+            time.sleep(max(0.0, min(1.0, out.frames / out.sample_rate - out.position)))
+        with self._lock:
+            if token != self._token:
+                return  # stopped or replaced meanwhile; that path announced it
+            path, player = self._path, self._player
+            finished = reason == "finished" and isinstance(out, _MiniaudioOutput)
+            position = out.frames / out.sample_rate if finished else out.position
             self._out, self._path, self._player, self._state = None, None, None, "stopped"
-            if isinstance(out, _MiniaudioOutput):
-                time.sleep(_DRAIN_SEC)
+            self._token += 1
             try:
                 out.close()
             except Exception:
@@ -296,10 +293,13 @@ class Player:
                                        "position_sec": round(position, 3)})
         return True
 
-    def play(self, path: str, volume: float | None = None) -> dict:
+    def play(self, path: str, volume: float | None = None,
+             defer: Callable[[Callable[[], None]], None] | None = None) -> dict:
+        """Play `path`, replacing what plays. `defer(fn)`, when given, runs the playback_started
+        notification after the caller has sent its response."""
         p = Path(path).expanduser()
         if not p.is_file():
-            raise LofiError(INVALID_PARAMS, f"path: no such audio file: {path}")
+            raise LofiError(INVALID_PARAMS, f"path: no such audio file: {path}", {"field": "path"})
         if volume is not None:
             self.volume = _check_volume(volume)
         with self._lock:
@@ -331,7 +331,8 @@ class Player:
             duration = out.duration if isinstance(out, _MiniaudioOutput) else _duration(p)
             self._out, self._path, self._player, self._state = out, str(p), player, "playing"
         info = {"path": str(p), "player": player, "volume": self.volume, "duration_sec": duration}
-        self.notify("playback_started", info)
+        started = lambda: self.notify("playback_started", info)  # noqa: E731
+        defer(started) if defer else started()
         return {"playing": True, **info}
 
     def pause(self) -> dict:
@@ -365,8 +366,8 @@ class Player:
             return {"volume": self.volume, "applied_now": live or self._out is None}
 
     def status(self) -> dict:
+        avail = self.available()
         with self._lock:
-            avail = self.available()
             return {
                 "state": self._state,
                 "path": self._path,
@@ -390,39 +391,46 @@ def _duration(p: Path) -> float | None:
         return None
 
 
-def register(methods: dict, notify: Notify, mode: str | None = None) -> Player:
-    """Add play/pause/resume/stop/volume/playback_status to `methods` (name -> handler(params)).
+def player_mode() -> str:
+    """$LOFI_PLAYER, checked: auto | miniaudio | null | external | an external player's name."""
+    mode = (os.environ.get("LOFI_PLAYER") or "auto").strip().lower()
+    if mode not in MODES and mode not in EXTERNAL_PLAYERS:
+        raise LofiError(PLAYBACK_FAILED, f"LOFI_PLAYER={mode!r}: must be one of "
+                        f"{', '.join(MODES + tuple(EXTERNAL_PLAYERS))}")
+    return mode
 
-    `mode` defaults to $LOFI_PLAYER or "auto": auto | miniaudio | null (miniaudio's null device,
-    for tests) | external | one of the external player names. Call `close()` on the returned
-    Player when the daemon exits.
-    """
-    mode = (mode or os.environ.get("LOFI_PLAYER") or "auto").strip().lower()
-    player = Player(notify, mode=mode)
 
-    def play(params):
-        params = _check_params(params, {"path", "volume"})
-        path = params.get("path")
-        if not isinstance(path, str) or not path:
-            raise LofiError(INVALID_PARAMS, "path: required, the audio file to play")
-        return player.play(path, params.get("volume"))
+def install(method) -> None:
+    """Register play, pause, resume, stop, volume and playback_status with the daemon's
+    `method(name, spec)` decorator (lofi_mlx.daemon.methods). The Player is made on first use
+    as `daemon.player`, notifying through `daemon.notify`; the daemon closes it when it stops."""
 
-    def no_params(fn):
-        def handler(params):
-            _check_params(params, set())
-            return fn()
-        return handler
+    def player(d) -> Player:
+        p = getattr(d, "player", None)
+        if p is None:
+            p = d.player = Player(d.notify, mode=player_mode())
+        return p
 
-    def volume(params):
-        params = _check_params(params, {"volume"})
-        return player.set_volume(params.get("volume"))
+    @method("play", {"path": ((str,), True), "volume": ((int, float), False)})
+    def play(d, params, call):
+        return player(d).play(params["path"], params.get("volume"), defer=call.after_send)
 
-    methods.update({
-        "play": play,
-        "pause": no_params(player.pause),
-        "resume": no_params(player.resume),
-        "stop": no_params(player.stop),
-        "volume": volume,
-        "playback_status": no_params(player.status),
-    })
-    return player
+    @method("pause")
+    def pause(d, params, call):
+        return player(d).pause()
+
+    @method("resume")
+    def resume(d, params, call):
+        return player(d).resume()
+
+    @method("stop")
+    def stop(d, params, call):
+        return player(d).stop()
+
+    @method("volume", {"volume": ((int, float), False)})
+    def volume(d, params, call):
+        return player(d).set_volume(params.get("volume"))
+
+    @method("playback_status")
+    def playback_status(d, params, call):
+        return player(d).status()

@@ -532,7 +532,7 @@ def _download(root: Path, remote: Remote, rf: RemoteFile, progress: Progress, to
                 with open(part, "r+b") as fh:
                     fh.seek(offset)
                     fh.truncate()
-                    for chunk in r.iter_bytes(_CHUNK):
+                    for chunk in r.iter_bytes():  # as received: a cut loses nothing buffered
                         if cancel is not None and cancel.is_set():
                             raise Cancelled("setup cancelled")
                         if offset + len(chunk) > rf.size:

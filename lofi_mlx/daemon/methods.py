@@ -323,3 +323,9 @@ def ping(d, params: dict, call: Call) -> dict:
 def shutdown(d, params: dict, call: Call) -> dict:
     call.after_send(lambda: d.request_stop("shutdown request"))
     return {"ok": True}
+
+
+# Playback (lofi_mlx/playback.py): play, pause, resume, stop, volume, playback_status.
+from ..playback import install as _install_playback  # noqa: E402
+
+_install_playback(method)

@@ -29,16 +29,18 @@ def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype, source:
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         raise LofiError(MODEL_LOAD_FAILED, f"{source}: weights do not match the model: " + "; ".join(parts))
-    items = []
     for k, p in params.items():
-        w = weights[k]
-        if tuple(w.shape) != tuple(p.shape):
-            raise LofiError(MODEL_LOAD_FAILED,
-                            f"{source}: {k} has shape {list(w.shape)}, the model expects {list(p.shape)}")
-        items.append((k, mx.array(np.ascontiguousarray(w, dtype=np.float32)).astype(dtype)))
+        if tuple(weights[k].shape) != tuple(p.shape):
+            raise LofiError(MODEL_LOAD_FAILED, f"{source}: {k} has shape {list(weights[k].shape)}, "
+                            f"the model expects {list(p.shape)}")
+    items = []
+    for k in params:
+        # convert and evaluate one tensor at a time: no second full-size copy of the model
+        a = mx.array(np.ascontiguousarray(weights[k], dtype=np.float32)).astype(dtype)
+        mx.eval(a)
+        items.append((k, a))
     model.load_weights(items)
     model.eval()
-    mx.eval(model.parameters())
     return model
 
 

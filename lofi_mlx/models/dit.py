@@ -310,8 +310,10 @@ class FinalLayer(nn.Module):
 
 
 def _as_mx(x, dtype=None):
-    a = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
-    return a if dtype is None else a.astype(dtype)
+    if not isinstance(x, mx.array):
+        x = np.asarray(x)
+        x = mx.array(x.astype(np.float32) if x.dtype == np.float64 else x)  # no float64 on GPU
+    return x if dtype is None else x.astype(dtype)
 
 
 class ACEStepDiT(nn.Module):
@@ -347,6 +349,8 @@ class ACEStepDiT(nn.Module):
 
         text_hidden [B, Nt, text_dim]; text_mask [B, Nt]; lyric_ids [B, Nl] int; lyric_mask
         [B, Nl]. erg_lyric scales linear_q of Conformer blocks 4-5 by 0.01 (the "null" lyrics).
+        trace: when given, filled with speaker_embedder, genre_embedder, lyric_embs,
+        lyric_encoder.embed, lyric_encoder, lyric_proj.
         """
         dt = self.dtype
         text_hidden = _as_mx(text_hidden, dt)
@@ -378,9 +382,11 @@ class ACEStepDiT(nn.Module):
                cross_kv=None):
         """x [B, 8, 16, T], timestep [B] (t = 1000 sigma) -> velocity [B, 8, 16, T] (run dtype).
 
-        erg: [B] bool or None; a True row gets the 0.01 scaling of self- and cross-attention q in
-        blocks 15..19, so a conditional and an ERG-null row can share one batch. cross_kv: the
-        result of `cross_kv(ctx)`, to skip recomputing it every step.
+        erg: [B] bool (or one bool for all rows) or None; a True row gets the 0.01 scaling of
+        self- and cross-attention q in blocks 15..19, so a conditional and an ERG-null row can
+        share one batch. cross_kv: the result of `cross_kv(ctx)`, to skip recomputing it each step.
+        trace: when given, filled with time_proj, timestep_embedder, t_block, proj_in, block.{i},
+        final_layer.
         """
         cfg, dt = self.config, self.dtype
         x = _as_mx(x, dt)

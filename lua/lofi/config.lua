@@ -199,7 +199,7 @@ function M.check_generate(g)
   if ok then
     return nil
   end
-  return (err:gsub("^lofi: ", ""):gsub("option `", "`"))
+  return (err:gsub("^lofi: ", ""):gsub("unknown option `", "unknown field `"):gsub("option `", "`"))
 end
 
 local function plugin_root()

@@ -1,0 +1,73 @@
+"""Shared pieces of the PyTorch port: strict loading, fp32-island norms, weight-norm folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lofi_mlx.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run_dtype(precision: str) -> torch.dtype:
+    if precision not in DTYPES:
+        raise LofiError(INVALID_PARAMS, f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    return DTYPES[precision]
+
+
+def drop_keys(weights: dict, prefixes: tuple[str, ...] = (), contains: tuple[str, ...] = ()) -> dict:
+    """Drop checkpoint keys that are unused at inference, on purpose and by name."""
+    return {k: v for k, v in weights.items()
+            if not k.startswith(prefixes) and not any(c in k for c in contains)}
+
+
+def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype: torch.dtype, source: str,
+                keep_fp32: tuple[str, ...] = ()) -> nn.Module:
+    """Load mapped weights; a missing, unexpected or mis-shaped key is an error.
+
+    Parameters whose name contains one of `keep_fp32` stay fp32 in every precision.
+    """
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise LofiError(MODEL_LOAD_FAILED, f"{source}: weights do not match the model: " + "; ".join(parts))
+    with torch.no_grad():
+        for k, p in params.items():
+            w = weights[k]
+            if tuple(w.shape) != tuple(p.shape):
+                raise LofiError(MODEL_LOAD_FAILED,
+                                f"{source}: {k} has shape {list(w.shape)}, the model expects {list(p.shape)}")
+            dt = torch.float32 if any(s in k for s in keep_fp32) else dtype
+            p.data = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dt)
+            p.requires_grad_(False)
+    return model.eval()
+
+
+def rms_norm(x: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
+    """RMS over `dim` with fp32 statistics, cast back to the input dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt((xf * xf).mean(dim, keepdim=True) + eps)).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight, bias, eps: float, dim: int = -1) -> torch.Tensor:
+    """LayerNorm over `dim` with fp32 statistics; affine in the input dtype."""
+    xf = x.float()
+    mu = xf.mean(dim, keepdim=True)
+    d = xf - mu
+    y = (d * torch.rsqrt((d * d).mean(dim, keepdim=True) + eps)).to(x.dtype)
+    return y * weight + bias
+
+
+def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """W = g * v / ||v||, the norm over every axis but 0 (legacy torch weight_norm, dim=0)."""
+    v = v.astype(np.float64)
+    norm = np.sqrt((v * v).reshape(v.shape[0], -1).sum(axis=1))
+    return (g.reshape(-1).astype(np.float64) / norm).reshape((-1,) + (1,) * (v.ndim - 1)) * v

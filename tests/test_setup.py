@@ -1,0 +1,463 @@
+"""`lofi setup ace-step` against a loopback Hub (tests/hub_server.py) serving the tiny checkpoint:
+download, progress, resume, verification, repair, disk check, revisions and MLX conversion.
+No network but 127.0.0.1; the real Hub is never contacted."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from convert import to_mlx
+from lofi_mlx import setup
+from lofi_mlx.checkpoint import COMPONENTS
+from lofi_mlx.errors import LofiError
+from tests.conftest import CHECKPOINT
+from tests.hub_server import HubServer, read_folder
+
+REV_A = "a1" * 20
+REV_B = "b2" * 20
+BIG = "ace_step_transformer/diffusion_pytorch_model.safetensors"
+VOCODER = "music_vocoder/diffusion_pytorch_model.safetensors"
+NEEDED = sorted(str(p.relative_to(CHECKPOINT)) for p in CHECKPOINT.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = HubServer().start()
+    server.add_folder(REV_A, CHECKPOINT)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no token, no cache of the user's
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                "http_proxy", "https_proxy", "all_proxy", setup.REVISION_ENV):
+        monkeypatch.delenv(var, raising=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "lofi"
+
+
+def changed_vocoder() -> bytes:
+    """The vocoder weights of revision B: one tensor differs."""
+    w = load_file(str(CHECKPOINT / VOCODER))
+    name = sorted(k for k in w if w[k].dtype == np.float32 and w[k].size > 16)[0]
+    w[name] = (w[name] * np.float32(1.5)).astype(np.float32)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lofi_vocoder_{os.getpid()}.safetensors"
+    save_file(w, str(path))
+    try:
+        return path.read_bytes()
+    finally:
+        path.unlink()
+
+
+def stage_runs(events):
+    stages = [e["stage"] for e in events]
+    return [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+
+
+# -- from nothing to ready ---------------------------------------------------------------------
+
+def test_setup_from_nothing_progress_in_order_then_ready(hub, home):
+    assert setup.backend_state(home)["state"] == "not_installed"
+    events, seen_states = [], {}
+
+    def on_progress(ev):
+        events.append(ev)
+        if ev["stage"] not in seen_states and ev["bytes_done"] > 0:
+            seen_states[ev["stage"]] = setup.backend_state(home)
+
+    plan = setup.plan_setup(home, REV_A, precision="fp32")
+    assert plan.missing == NEEDED and plan.download_bytes == sum(
+        (CHECKPOINT / f).stat().st_size for f in NEEDED)
+    assert plan.convert_components == list(COMPONENTS)
+    result = setup.run_setup(home, REV_A, precision="fp32", on_progress=on_progress)
+
+    assert result.state == "ready" and result.revision == REV_A
+    assert sorted(result.downloaded) == NEEDED and result.converted == list(COMPONENTS)
+    assert stage_runs(events) == ["downloading", "verifying", "converting"]
+    pct = [e["overall_percent"] for e in events]
+    assert pct == sorted(pct) and pct[-1] == 100.0 and max(pct[:-1]) < 100.0
+    assert set(events[0]) == {"backend", "stage", "file", "bytes_done", "bytes_total", "overall_percent"}
+    for f in NEEDED:  # every file reported from its first byte to its last
+        done = [e["bytes_done"] for e in events if e["stage"] == "downloading" and e["file"] == f]
+        assert done[0] == 0 and done[-1] == (CHECKPOINT / f).stat().st_size
+    # while it ran, get_backends' state said so, with a percent
+    assert seen_states["downloading"]["state"] == "downloading"
+    assert 0 <= seen_states["downloading"]["percent"] < 100
+    assert seen_states["converting"]["state"] == "converting"
+
+    assert setup.backend_state(home) == {"state": "ready", "revision": REV_A}
+    for f in NEEDED:
+        assert (home / "ace-step" / f).read_bytes() == (CHECKPOINT / f).read_bytes()
+    # only the files the engines need were fetched: no README, no .gitattributes
+    assert sorted({r["file"] for r in hub.gets()}) == NEEDED
+    # LFS files came from the CDN origin, git files from the Hub itself
+    assert {r["server"] for r in hub.gets(BIG)} == {"cdn"}
+    assert {r["server"] for r in hub.gets("umt5-base/config.json")} == {"hub"}
+    manifest = json.loads((home / "ace-step" / "mlx" / "manifest.json").read_text())
+    assert manifest["revision"] == REV_A and manifest["precision"] == "fp32"
+    for comp in COMPONENTS:
+        assert to_mlx.converted_weights(home, comp, "fp32")
+        assert to_mlx.converted_weights(home, comp, "fp16") is None  # made at another precision
+    assert not (home / "ace-step" / ".lofi" / "partial").exists()
+
+    # a second setup has nothing to do and fetches nothing
+    hub.clear_log()
+    again = setup.run_setup(home, REV_A, precision="fp32")
+    assert again.downloaded == [] and again.converted == [] and hub.gets() == []
+
+
+def test_generate_with_converted_weights_equals_original_at_fp32(hub, home, monkeypatch, tmp_path):
+    """The converted fp32 weights give the same audio as the original files, sample for sample.
+    The originals are deleted after conversion and the modules' own loaders are disabled, so the
+    second run can only have used the converted files."""
+    from lofi_mlx.engine import MLXEngine
+    from lofi_mlx.models import dcae, dit, umt5, vocoder
+    from lofi_mlx.params import GenerateParams
+    from lofi_mlx.pipeline import Pipeline
+    import soundfile as sf
+
+    result = setup.run_setup(home, REV_A, precision="fp32", keep_original=False)
+    root = home / "ace-step"
+    assert sorted(result.removed) == sorted(f for f in NEEDED if f.endswith(".safetensors"))
+    assert not [p for d in COMPONENTS.values() for p in (root / d).glob("*.safetensors")]
+    assert setup.backend_state(home)["state"] == "ready"
+
+    def params():
+        return GenerateParams("lofi hip hop, jazzy piano", 5.0, infer_steps=3, seed=7)
+
+    ref = Pipeline(CHECKPOINT, MLXEngine(CHECKPOINT, "fp32", "cpu")).generate(params(), tmp_path / "a.wav")
+
+    class ConvertedEngine(MLXEngine):
+        def _load(self, stage):
+            comp, parts = {"dcae": ("dcae", ("decoder",)),
+                           "dcae_encoder": ("dcae", ("encoder",))}.get(stage, (stage, None))
+            model = to_mlx.load_converted(self.checkpoint, comp, self.precision, parts=parts)
+            assert model is not None, f"no fresh conversion of {comp}"
+            return model
+
+    def refuse(*a, **k):
+        raise AssertionError("loaded the original weights")
+
+    for mod in (umt5, dit, dcae, vocoder):
+        monkeypatch.setattr(mod, "load", refuse)
+    # the pipeline's up-front check wants the original files; the converted ones stand in for them
+    monkeypatch.setattr("lofi_mlx.pipeline.check_checkpoint", lambda root: root)
+    out = Pipeline(root, ConvertedEngine(root, "fp32", "cpu")).generate(params(), tmp_path / "b.wav")
+    a, _ = sf.read(ref["path"], dtype="float32")
+    b, _ = sf.read(out["path"], dtype="float32")
+    assert a.shape == b.shape and np.array_equal(a, b)
+
+
+# -- interruption and resume -------------------------------------------------------------------
+
+def test_interrupted_transfer_resumes_with_a_range_request(hub, home):
+    size = (CHECKPOINT / BIG).stat().st_size
+    half = size // 2
+    hub.cut(BIG, half)  # the connection drops after half the file
+    result = setup.run_setup(home, REV_A, engine="none")
+    gets = hub.gets(BIG)
+    assert [g.get("cut_at") for g in gets] == [half, None]
+    assert gets[0]["range"] is None and gets[1]["range"] == f"bytes={half}-"
+    assert gets[1]["status"] == 206
+    assert result.state == "ready"
+    assert (home / "ace-step" / BIG).read_bytes() == (CHECKPOINT / BIG).read_bytes()
+
+
+def test_download_left_by_a_killed_process_resumes_where_it_stopped(hub, home):
+    size = (CHECKPOINT / BIG).stat().st_size
+    half = size // 2 + 12345
+    hub.cut(BIG, half, stall=True)  # send half, then hang like a dead network
+    env = dict(os.environ, LOFI_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "lofi_mlx.cli", "setup", "ace-step", "--yes",
+                             "--engine", "none", "--revision", REV_A],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=str(Path(__file__).parent.parent))
+    part = setup.partial_path(home / "ace-step", BIG)
+    try:
+        deadline = time.monotonic() + 60
+        while not (part.exists() and part.stat().st_size == half):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the download never reached the cut"
+            time.sleep(0.05)
+        st = setup.backend_state(home)  # another process holds the setup: downloading
+        assert st["state"] == "downloading" and 0 < st["percent"] < 100
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        hub.release()
+    st = setup.backend_state(home)
+    assert st["state"] == "damaged" and "resume" in st["detail"]
+    with pytest.raises(LofiError) as e:
+        setup.require_ready(home)
+    assert e.value.code == "MODEL_LOAD_FAILED" and "lofi setup ace-step" in e.value.message
+
+    hub.clear_log()
+    plan = setup.plan_setup(home, REV_A, engine="none")
+    assert plan.resume_bytes == half
+    result = setup.run_setup(home, REV_A, engine="none")
+    gets = hub.gets(BIG)
+    assert len(gets) == 1 and gets[0]["range"] == f"bytes={half}-"
+    assert BIG in result.downloaded and setup.backend_state(home)["state"] == "ready"
+    assert (home / "ace-step" / BIG).read_bytes() == (CHECKPOINT / BIG).read_bytes()
+    assert not part.exists()
+
+
+# -- verification and repair -------------------------------------------------------------------
+
+def corrupt(path: Path, keep_mtime: bool = False) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_corrupted_file_is_detected_reported_and_repaired(hub, home):
+    setup.run_setup(home, REV_A, engine="none")
+    target = home / "ace-step" / VOCODER
+    corrupt(target)
+    st = setup.backend_state(home)
+    assert st["state"] == "damaged" and st["files"] == [VOCODER]
+    hub.clear_log()
+    notices = []
+    result = setup.run_setup(home, REV_A, engine="none", on_notice=notices.append)
+    assert result.repaired == [VOCODER] and result.downloaded == [VOCODER]
+    assert any(VOCODER in n and "verification failed" in n for n in notices)
+    assert [g["file"] for g in hub.gets()] == [VOCODER]  # only the bad file was fetched
+    assert target.read_bytes() == (CHECKPOINT / VOCODER).read_bytes()
+    assert setup.backend_state(home)["state"] == "ready"
+
+
+def test_silent_corruption_is_found_by_verification(hub, home):
+    """A flipped byte with size and mtime unchanged: only hashing can see it."""
+    setup.run_setup(home, REV_A, engine="none")
+    target = home / "ace-step" / "umt5-base" / "tokenizer.json"  # a git (non-LFS) file: sha1 ETag
+    corrupt(target, keep_mtime=True)
+    assert setup.backend_state(home)["state"] == "ready"  # the cheap check cannot tell
+    assert setup.verify_installed(home) == ["umt5-base/tokenizer.json"]
+    assert setup.backend_state(home)["state"] == "damaged"
+    hub.clear_log()
+    result = setup.run_setup(home, REV_A, engine="none")
+    assert result.repaired == ["umt5-base/tokenizer.json"]
+    assert [g["file"] for g in hub.gets()] == ["umt5-base/tokenizer.json"]
+    assert setup.verify_installed(home) == []
+    assert setup.backend_state(home)["state"] == "ready"
+
+
+def test_a_download_that_never_matches_the_hub_hash_fails_clearly(hub, home):
+    bad = bytearray((CHECKPOINT / VOCODER).read_bytes())
+    bad[100] ^= 1
+    hub.serve_instead(VOCODER, bytes(bad))
+    with pytest.raises(LofiError) as e:
+        setup.run_setup(home, REV_A, engine="none")
+    assert e.value.code == setup.VERIFY_FAILED and VOCODER in e.value.message
+    assert len(hub.gets(VOCODER)) == 2  # fetched, failed, fetched again, failed
+    assert not (home / "ace-step" / VOCODER).exists()
+    assert setup.backend_state(home)["state"] == "damaged"
+    hub.serve_instead(VOCODER, None)
+    assert setup.run_setup(home, REV_A, engine="none").state == "ready"
+
+
+# -- free disk ---------------------------------------------------------------------------------
+
+def test_not_enough_disk_is_refused_before_anything_is_downloaded(hub, home):
+    with pytest.raises(LofiError) as e:
+        setup.run_setup(home, REV_A, free=lambda path: 10_000_000)
+    assert e.value.code == setup.NOT_ENOUGH_DISK
+    assert "Nothing was downloaded" in e.value.message and "free" in e.value.message
+    assert e.value.data["needed_bytes"] > e.value.data["free_bytes"] == 10_000_000
+    assert hub.gets() == [] and not any(r["method"] == "HEAD" for r in hub.requests)
+    root = home / "ace-step"
+    assert not any(p.is_file() for p in root.rglob("*") if ".lofi" not in p.parts)
+    assert not list(root.rglob("*.part"))
+    assert setup.backend_state(home)["state"] == "not_installed"
+
+
+def test_cli_refuses_small_disk_and_asks_before_downloading(hub, home, monkeypatch, capsys):
+    from lofi_mlx import cli
+    base = ["setup", "ace-step", "--home", str(home), "--revision", REV_A, "--engine", "none"]
+
+    real = setup.free_space
+    monkeypatch.setattr(setup, "free_space", lambda path: 1000)
+    assert cli.main(base + ["--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "NOT_ENOUGH_DISK" in err and "free disk: 1000 B" in err and "15.2 MB" in err
+    assert hub.gets() == []
+    monkeypatch.setattr(setup, "free_space", real)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    assert cli.main(base) == 1
+    err = capsys.readouterr().err
+    assert "total size: 15.2 MB in 11 files" in err and "free disk:" in err and "Proceed?" in err
+    assert hub.gets() == []
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # a script that forgot --yes
+    assert cli.main(base) == 2
+    assert "--yes" in capsys.readouterr().err and hub.gets() == []
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    assert cli.main(base + ["--quiet"]) == 0
+    assert "ACE-Step is ready" in capsys.readouterr().err
+    assert sorted({g["file"] for g in hub.gets()}) == NEEDED
+    assert cli.main(base) == 0  # nothing left to do: no question asked
+    assert "installed and verified" in capsys.readouterr().err
+
+
+# -- revisions and conversion ------------------------------------------------------------------
+
+def test_revision_is_pinned_and_overridable(hub, home, monkeypatch):
+    assert setup.pinned_revision() == setup.DEFAULT_REVISION
+    assert len(setup.DEFAULT_REVISION) == 40
+    with pytest.raises(LofiError) as e:  # this Hub does not have the real pinned commit
+        setup.plan_setup(home)
+    assert e.value.code == setup.DOWNLOAD_FAILED and "revision" in e.value.message
+    monkeypatch.setenv(setup.REVISION_ENV, REV_A)
+    assert setup.pinned_revision() == REV_A
+    assert setup.plan_setup(home, engine="none").remote.commit == REV_A
+    assert setup.pinned_revision("main") == "main"
+    hub.add_folder(REV_B, CHECKPOINT, branch="main")
+    assert setup.plan_setup(home, "main", engine="none").remote.commit == REV_B  # a branch resolves
+
+
+def test_conversion_from_an_older_revision_is_detected_and_redone(hub, home):
+    first = setup.run_setup(home, REV_A, precision="fp16")
+    assert first.converted == list(COMPONENTS)
+    root = home / "ace-step"
+    before = {c: (root / "mlx" / f"{c}.safetensors").read_bytes() for c in COMPONENTS}
+    hub.add_folder(REV_B, CHECKPOINT, changes={VOCODER: changed_vocoder()})
+
+    # revision B's files, downloaded without converting: the old conversion is now stale
+    hub.clear_log()
+    setup.run_setup(home, REV_B, engine="none")
+    assert [g["file"] for g in hub.gets()] == [VOCODER]  # only the changed file
+    assert to_mlx.converted_weights(home, "vocoder") is None
+    assert to_mlx.converted_weights(home, "transformer") is not None  # its sources did not change
+
+    plan = setup.plan_setup(home, REV_B, precision="fp16")
+    assert plan.convert_components == ["vocoder"] and plan.missing == []
+    result = setup.run_setup(home, REV_B, precision="fp16")
+    assert result.converted == ["vocoder"] and result.downloaded == []
+    manifest = json.loads((root / "mlx" / "manifest.json").read_text())
+    assert manifest["revision"] == REV_B
+    assert (root / "mlx" / "vocoder.safetensors").read_bytes() != before["vocoder"]
+    assert (root / "mlx" / "transformer.safetensors").read_bytes() == before["transformer"]
+    assert to_mlx.conversion_fresh(root, "fp16")
+    w = to_mlx.converted_weights(home, "vocoder", "fp16")
+    assert w and all(str(v.dtype) == "mlx.core.float16" for v in w.values())
+
+    # asking for fp32 makes every component stale
+    assert setup.plan_setup(home, REV_B, precision="fp32").convert_components == list(COMPONENTS)
+
+
+def test_converted_weights_are_exactly_what_the_modules_load(hub, home):
+    """fp16 conversion: same names, dtypes (fp32 islands kept) and values as module.load."""
+    from mlx.utils import tree_flatten
+    setup.run_setup(home, REV_A, precision="fp16")
+    root = home / "ace-step"
+    for comp in COMPONENTS:
+        ref = dict(tree_flatten(to_mlx.build(root, comp, "fp16").parameters()))
+        got = to_mlx.converted_weights(home, comp, "fp16")
+        assert set(got) == set(ref), comp
+        for k, v in ref.items():
+            assert got[k].dtype == v.dtype and np.array_equal(np.array(got[k]), np.array(v)), (comp, k)
+    dtypes = {str(v.dtype) for v in to_mlx.converted_weights(home, "text_encoder").values()}
+    assert dtypes == {"mlx.core.float16", "mlx.core.float32"}  # UMT5 keeps `wo` in fp32
+
+
+def test_removed_originals_stay_removed_until_asked_for(hub, home):
+    setup.run_setup(home, REV_A, precision="fp16", keep_original=False)
+    root = home / "ace-step"
+    assert not [p for d in COMPONENTS.values() for p in (root / d).glob("*.safetensors")]
+    assert all((root / f).exists() for f in NEEDED if not f.endswith(".safetensors"))
+    hub.clear_log()
+    plan = setup.plan_setup(home, REV_A, precision="fp16")
+    assert plan.missing == [] and len(plan.removed) == 4 and not plan.keep_original
+    assert setup.run_setup(home, REV_A, precision="fp16").downloaded == [] and hub.gets() == []
+    again = setup.run_setup(home, REV_A, precision="fp16", keep_original=True)
+    assert sorted(again.downloaded) == sorted(f for f in NEEDED if f.endswith(".safetensors"))
+    assert setup.load_state(root)["removed"] == []
+
+
+# -- the daemon method -------------------------------------------------------------------------
+
+class FakeDaemon:
+    def __init__(self, home):
+        from lofi_mlx.settings import Settings
+        self.settings = Settings.load({"home": str(home)}, env={})
+        self.notes = []
+        self.worker = type("W", (), {"release_requested": threading.Event()})()
+        self.backends = type("B", (), {"engine_name": staticmethod(lambda: "mlx")})()
+
+    def notify(self, method, params):
+        self.notes.append((method, params))
+
+
+class FakeCall:
+    def __init__(self):
+        self.deferred = []
+
+    def after_send(self, fn):
+        self.deferred.append(fn)
+
+
+def test_daemon_setup_method_plans_then_runs_with_notifications(hub, home):
+    from lofi_mlx import daemon_setup
+    d = FakeDaemon(home)
+    call = FakeCall()
+    plan = daemon_setup.handle_setup(d, {"backend": "ace-step", "dry_run": True, "revision": REV_A}, call)
+    assert plan["download_bytes"] == plan["total_bytes"] > 0 and plan["enough_disk"] is True
+    assert plan["free_bytes"] > 0 and plan["state"]["state"] == "not_installed"
+    assert call.deferred == [] and hub.gets() == []
+
+    res = daemon_setup.handle_setup(d, {"backend": "ace-step", "revision": REV_A}, call)
+    assert res["started"] is True and d.notes == []  # nothing before the response is sent
+    [start] = call.deferred
+    start()
+    deadline = time.monotonic() + 60
+    while not any(m in ("setup_complete", "setup_error") for m, _ in d.notes):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    methods = [m for m, _ in d.notes]
+    assert methods[-1] == "setup_complete", d.notes[-1]
+    assert set(methods[:-1]) == {"download_progress"}
+    progress = [p for m, p in d.notes if m == "download_progress"]
+    assert stage_runs(progress) == ["downloading", "verifying", "converting"]
+    assert all(p["backend"] == "ace-step" for p in progress) and progress[-1]["overall_percent"] == 100
+    assert d.notes[-1][1]["state"] == "ready" and d.notes[-1][1]["revision"] == REV_A
+    assert d.worker.release_requested.is_set()
+
+
+def test_daemon_setup_method_refusals(hub, home, monkeypatch):
+    from lofi_mlx import daemon_setup
+    d = FakeDaemon(home)
+    for params, code in (({"backend": "musicgen"}, "MODEL_NOT_FOUND"),
+                         ({"backend": "nope"}, "INVALID_PARAMS"),
+                         ({"backend": "ace-step", "precision": "bf16"}, "INVALID_PARAMS")):
+        with pytest.raises(LofiError) as e:
+            daemon_setup.handle_setup(d, params, FakeCall())
+        assert e.value.code == code
+    # a refused disk comes back as setup_error, and nothing is fetched
+    monkeypatch.setattr(setup, "free_space", lambda path: 0)
+    call = FakeCall()
+    daemon_setup.handle_setup(d, {"backend": "ace-step", "revision": REV_A}, call)
+    call.deferred[0]()
+    deadline = time.monotonic() + 30
+    while not d.notes:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert d.notes[0][0] == "setup_error" and d.notes[0][1]["code"] == setup.NOT_ENOUGH_DISK
+    assert hub.gets() == []
