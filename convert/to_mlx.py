@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib
 import json
 import os
 import time
@@ -69,13 +68,32 @@ def _write_manifest(root: Path, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
+_FINGERPRINTED = {"sanitize", "load", "from_weights", "load_strict", "fold_weight_norm", "drop_keys"}
+
+
+def _defs_source(path: Path) -> str:
+    """Source of the functions in _FINGERPRINTED defined in a file, at top level or in a class.
+    Read from the file, so what counts is the code on disk, whatever is patched at run time."""
+    import ast
+    text = path.read_text()
+    out = []
+    for node in ast.parse(text).body:
+        nodes = node.body if isinstance(node, ast.ClassDef) else [node]
+        for n in nodes:
+            if isinstance(n, ast.FunctionDef) and n.name in _FINGERPRINTED:
+                out.append(ast.get_source_segment(text, n) or "")
+    return "\n".join(out)
+
+
 def code_fingerprint(component: str) -> str:
-    """sha256 over the source of the modules that shape this component's converted weights."""
-    import lofi_mlx.models.common as common
+    """sha256 over the code that decides this component's converted weights: each module's
+    `sanitize`, `load` and `from_weights` (also as class methods) and the shared loading helpers.
+    Comments and code elsewhere in the modules do not count."""
+    import importlib.util
     h = hashlib.sha256(f"format {FORMAT}\n".encode())
-    mods = [importlib.import_module(f"lofi_mlx.models.{m}") for m in _MODULES[component]] + [common]
-    for mod in mods:
-        h.update(Path(mod.__file__).read_bytes())
+    for name in ("common",) + _MODULES[component]:
+        spec = importlib.util.find_spec(f"lofi_mlx.models.{name}")
+        h.update(_defs_source(Path(spec.origin)).encode())
     return h.hexdigest()
 
 

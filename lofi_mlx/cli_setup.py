@@ -56,8 +56,10 @@ def describe_plan(plan) -> str:
              f"  into {plan.root}",
              f"  total size: {human(plan.total_bytes)} in {len(r.files)} files"]
     if plan.missing:
-        resume = f" (resuming, {human(plan.resume_bytes)} already fetched)" if plan.resume_bytes else ""
-        lines.append(f"  to download: {human(plan.download_bytes)} in {len(plan.missing)} files{resume}")
+        resume = f", resuming with {human(plan.resume_bytes)} already fetched" if plan.resume_bytes else ""
+        changed = f", {len(plan.outdated)} changed in this revision" if plan.outdated else ""
+        lines.append(f"  to download: {human(plan.download_bytes)} in {len(plan.missing)} files"
+                     f"{changed}{resume}")
     if plan.unverified:
         lines.append(f"  to verify: {len(plan.unverified)} files already on disk")
     if plan.convert_components:

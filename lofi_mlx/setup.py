@@ -31,7 +31,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from .checkpoint import COMPONENTS
-from .errors import CANCELLED, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, Cancelled, LofiError
+from .errors import CANCELLED, INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, Cancelled, LofiError
 
 BACKEND = "ace-step"
 REPO_ID = "ACE-Step/ACE-Step-v1-3.5B"
@@ -291,6 +291,7 @@ class Plan:
     present: list[str] = field(default_factory=list)    # verified earlier and unchanged
     unverified: list[str] = field(default_factory=list)  # on disk, to be hashed
     missing: list[str] = field(default_factory=list)     # to download
+    outdated: list[str] = field(default_factory=list)    # in missing: another revision's file
     removed: list[str] = field(default_factory=list)     # originals deleted after a fresh conversion
     resume_bytes: int = 0                                # already in .part files
     convert_components: list[str] = field(default_factory=list)
@@ -318,7 +319,8 @@ class Plan:
                 "endpoint": self.remote.endpoint, "path": str(self.root),
                 "total_bytes": self.total_bytes, "download_bytes": self.download_bytes,
                 "resume_bytes": self.resume_bytes, "files": len(self.remote.files),
-                "files_to_download": len(self.missing), "files_to_verify": len(self.unverified),
+                "files_to_download": len(self.missing), "files_changed": len(self.outdated),
+                "files_to_verify": len(self.unverified),
                 "convert": self.convert_components, "convert_bytes": self.convert_bytes,
                 "precision": self.precision, "free_bytes": self.free_bytes,
                 "needed_bytes": self.needed_bytes, "enough_disk": self.enough_disk}
@@ -338,9 +340,9 @@ def plan_setup(home: str | Path | None = None, revision: str | None = None, prec
                free: Callable[[Path], int] | None = None, token: str | bool | None = None) -> Plan:
     """Ask the Hub what the pinned revision holds and compare it with what is on disk."""
     if precision not in ("fp16", "fp32"):
-        raise LofiError("INVALID_PARAMS", f"precision must be fp16 or fp32, got {precision!r}")
+        raise LofiError(INVALID_PARAMS, f"precision must be fp16 or fp32, got {precision!r}")
     if engine not in ("mlx", "onnx", "none"):
-        raise LofiError("INVALID_PARAMS", f"engine must be mlx, onnx or none, got {engine!r}")
+        raise LofiError(INVALID_PARAMS, f"engine must be mlx, onnx or none, got {engine!r}")
     root = checkpoint_root(home)
     remote = remote or fetch_remote(revision, token=token)
     state = load_state(root) or {"files": {}}
@@ -359,7 +361,14 @@ def plan_setup(home: str | Path | None = None, revision: str | None = None, prec
         rec = records.get(rf.path)
         verified = bool(rec) and rf.matches(rec.get("sha256"), rec.get("git_sha1"), rec.get("size"))
         if path.is_file():
-            (plan.present if verified and file_unchanged(path, rec) else plan.unverified).append(rf.path)
+            if rec and file_unchanged(path, rec):
+                # verified earlier: either still the Hub's file, or one from another revision
+                (plan.present if verified else plan.outdated).append(rf.path)
+                if not verified:
+                    plan.missing.append(rf.path)
+                    plan.resume_bytes += _resumable(root, rf)
+            else:
+                plan.unverified.append(rf.path)
         elif (engine == "mlx" and verified and rf.path in removed_before and is_weight_file(rf.path)
               and not keep_original and _folder_component(rf.path) not in stale):
             plan.removed.append(rf.path)
@@ -398,6 +407,7 @@ class Progress:
         self.done = 0.0
         self.last_emit = 0.0
         self.last_status = 0.0
+        self.status_percent = 0.0
         self.percent = 0.0
         self.stage = None
 
@@ -419,8 +429,9 @@ class Progress:
                 self.callback({"backend": BACKEND, "stage": stage, "file": file,
                                "bytes_done": int(bytes_done), "bytes_total": int(bytes_total),
                                "overall_percent": self.percent})
-        if self.status_path and (force or now - self.last_status >= 1.0):
-            self.last_status = now
+        if self.status_path and (force or now - self.last_status >= 1.0
+                                 or self.percent - self.status_percent >= 0.5):
+            self.last_status, self.status_percent = now, self.percent
             _write_json(self.status_path, {"pid": os.getpid(), "stage": stage, "file": file,
                                            "overall_percent": self.percent, "time": time.time()})
 

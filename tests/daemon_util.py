@@ -47,6 +47,7 @@ class Daemon:
         self.proc = subprocess.Popen(cmd + list(args), cwd=ROOT, env=full_env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr)
         self.lines: list[dict] = []  # everything received, in order
+        self.times: list[float] = []  # time.monotonic() when each line arrived
         self.raw: list[bytes] = []
         self._cv = threading.Condition()
         self._next_id = 0
@@ -59,6 +60,7 @@ class Daemon:
         for raw in self.proc.stdout:
             with self._cv:
                 self.raw.append(raw)
+                self.times.append(time.monotonic())
                 self.lines.append(json.loads(raw))  # a non-JSON line fails the test
                 self._cv.notify_all()
         with self._cv:
@@ -89,11 +91,12 @@ class Daemon:
         return resp["result"]
 
     # -- receiving ----------------------------------------------------------------------------
-    def wait_for(self, pred, timeout: float = 30.0, what: str = "message") -> dict:
+    def wait_for(self, pred, timeout: float = 30.0, what: str = "message", start: int = 0) -> dict:
+        """The first message (from index `start`) satisfying pred."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while True:
-                for m in self.lines:
+                for m in self.lines[start:]:
                     if pred(m):
                         return m
                 left = deadline - time.monotonic()
@@ -103,25 +106,34 @@ class Daemon:
                 self._cv.wait(left)
 
     def response(self, rid, timeout: float = 10.0) -> dict:
-        return self.wait_for(lambda m: m.get("id") == rid and "method" not in m, timeout, f"response {rid}")
+        return self.wait_for(lambda m: isinstance(m, dict) and m.get("id") == rid and "method" not in m, timeout, f"response {rid}")
 
     def event(self, method: str, track_id: str | None = None, timeout: float = 60.0) -> dict:
-        m = self.wait_for(lambda m: m.get("method") == method and
+        m = self.wait_for(lambda m: isinstance(m, dict) and m.get("method") == method and
                           (track_id is None or m["params"].get("track_id") == track_id),
                           timeout, f"{method} for {track_id}")
         return m["params"]
 
     def end(self, track_id: str, timeout: float = 60.0) -> tuple[str, dict]:
         """The notification that ended a job: (complete|error|cancelled, params)."""
-        m = self.wait_for(lambda m: m.get("method") in ENDINGS and m["params"].get("track_id") == track_id,
+        m = self.wait_for(lambda m: isinstance(m, dict) and m.get("method") in ENDINGS and m["params"].get("track_id") == track_id,
                           timeout, f"end of {track_id}")
         return m["method"].removeprefix("generation_"), m["params"]
 
-    def events(self, method: str | None = None, track_id: str | None = None) -> list[dict]:
+    def events(self, method: str | None = None, track_id: str | None = None,
+               with_times: bool = False) -> list:
         with self._cv:
-            return [m["params"] for m in self.lines if "method" in m and
-                    (method is None or m["method"] == method) and
-                    (track_id is None or m["params"].get("track_id") == track_id)]
+            out = [(t, m["params"]) for t, m in zip(self.times, self.lines)
+                   if isinstance(m, dict) and "method" in m and
+                   (method is None or m["method"] == method) and
+                   (track_id is None or m["params"].get("track_id") == track_id)]
+        return out if with_times else [p for _, p in out]
+
+    def ended(self, track_id: str) -> list[str]:
+        """Every ending notification of a track (a correct daemon sends exactly one)."""
+        with self._cv:
+            return [m["method"] for m in self.lines if isinstance(m, dict) and m.get("method") in ENDINGS
+                    and m["params"].get("track_id") == track_id]
 
     def index_of(self, pred) -> int:
         with self._cv:

@@ -39,4 +39,4 @@ def test_plugin(results, case):
 
 
 def test_every_case_listed(results):
-    assert sorted(results) == sorted(CASES)
+    assert sorted(k for k in results if not k.startswith("__")) == sorted(CASES)

@@ -21,7 +21,7 @@ from lofi_mlx import setup
 from lofi_mlx.checkpoint import COMPONENTS
 from lofi_mlx.errors import LofiError
 from tests.conftest import CHECKPOINT
-from tests.hub_server import HubServer, read_folder
+from tests.hub_server import HubServer
 
 REV_A = "a1" * 20
 REV_B = "b2" * 20
@@ -295,7 +295,7 @@ def test_cli_refuses_small_disk_and_asks_before_downloading(hub, home, monkeypat
     monkeypatch.setattr(setup, "free_space", lambda path: 1000)
     assert cli.main(base + ["--yes"]) == 2
     err = capsys.readouterr().err
-    assert "NOT_ENOUGH_DISK" in err and "free disk: 1000 B" in err and "15.2 MB" in err
+    assert "NOT_ENOUGH_DISK" in err and "free disk: 1.0 kB" in err and "15.2 MB" in err
     assert hub.gets() == []
     monkeypatch.setattr(setup, "free_space", real)
 
@@ -342,8 +342,10 @@ def test_conversion_from_an_older_revision_is_detected_and_redone(hub, home):
 
     # revision B's files, downloaded without converting: the old conversion is now stale
     hub.clear_log()
-    setup.run_setup(home, REV_B, engine="none")
+    assert setup.plan_setup(home, REV_B, engine="none").outdated == [VOCODER]
+    update = setup.run_setup(home, REV_B, engine="none")
     assert [g["file"] for g in hub.gets()] == [VOCODER]  # only the changed file
+    assert update.downloaded == [VOCODER] and update.repaired == []  # an update, not a repair
     assert to_mlx.converted_weights(home, "vocoder") is None
     assert to_mlx.converted_weights(home, "transformer") is not None  # its sources did not change
 
@@ -461,3 +463,45 @@ def test_daemon_setup_method_refusals(hub, home, monkeypatch):
         time.sleep(0.05)
     assert d.notes[0][0] == "setup_error" and d.notes[0][1]["code"] == setup.NOT_ENOUGH_DISK
     assert hub.gets() == []
+
+
+def test_real_daemon_setup_survives_a_kill_and_resumes(hub, tmp_path):
+    """`lofi-daemon`: setup answers at once, streams download_progress while ping still answers;
+    killed mid-download, a new daemon resumes the partial file with a Range request."""
+    from tests.daemon_util import Daemon, make_home
+    home = make_home(tmp_path, checkpoint=False)
+    half = (CHECKPOINT / BIG).stat().st_size // 3
+    hub.cut(BIG, half, stall=True)
+    part = setup.partial_path(home / "ace-step", BIG)
+    with Daemon(home) as d:
+        res = d.call("setup", {"backend": "ace-step", "revision": REV_A})
+        assert res["started"] is True
+        first = d.event("download_progress", timeout=30)
+        assert first["stage"] == "downloading" and first["backend"] == "ace-step"
+        deadline = time.monotonic() + 30
+        while not (part.exists() and part.stat().st_size == half):
+            assert time.monotonic() < deadline, d.stderr()[-2000:]
+            time.sleep(0.05)
+        assert "version" in d.call("ping", timeout=2)  # the RPC loop never waits for the download
+        busy = d.call("setup", {"backend": "ace-step", "revision": REV_A})
+        assert busy["started"] is False and busy["running"] is True
+        d.proc.kill()
+        d.proc.wait(5)
+    hub.release()
+    hub.clear_log()
+    with Daemon(home) as d:
+        assert d.call("setup", {"backend": "ace-step", "revision": REV_A})["started"] is True
+        done = d.event("setup_complete", timeout=120)
+        assert done["state"] == "ready" and done["revision"] == REV_A and BIG in done["downloaded"]
+        progress = d.events("download_progress")
+        # the small file the first daemon fetched before the cut is verified first
+        assert stage_runs(progress) == ["verifying", "downloading", "verifying", "converting"]
+        assert progress[0]["file"] == "ace_step_transformer/config.json"
+        pct = [p["overall_percent"] for p in progress]
+        assert pct == sorted(pct) and pct[-1] == 100
+        assert not d.events("setup_error")
+        backends = d.call("get_backends")["backends"]
+        assert next(b for b in backends if b["name"] == "ace-step")["state"] == "ready"
+    gets = hub.gets(BIG)
+    assert len(gets) == 1 and gets[0]["range"] == f"bytes={half}-"
+    assert (home / "ace-step" / BIG).read_bytes() == (CHECKPOINT / BIG).read_bytes()

@@ -46,7 +46,7 @@ def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype: torch.d
                 raise LofiError(MODEL_LOAD_FAILED,
                                 f"{source}: {k} has shape {list(w.shape)}, the model expects {list(p.shape)}")
             dt = torch.float32 if any(s in k for s in keep_fp32) else dtype
-            p.data = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dt)
+            p.data = torch.from_numpy(np.array(w, dtype=np.float32)).to(dt)
             p.requires_grad_(False)
     return model.eval()
 

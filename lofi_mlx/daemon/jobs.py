@@ -398,7 +398,7 @@ class Worker(threading.Thread):
             job.started = time.monotonic()
             job.tracker = tracker = ProgressTracker(job, d.estimator, d.notify)
         if job.cancel_requested.is_set():
-            d.finish(job, "cancelled", cancelled_payload(job))
+            self._end(job, "cancelled", cancelled_payload(job))
             return
         d.notify("generation_start", dict(job.summary(), engine=job.engine, precision=job.precision))
         staged = d.cache.staging_path(job.track_id, d.settings.format)
@@ -407,6 +407,7 @@ class Worker(threading.Thread):
             tracker(stage, step, total, fraction)
             self._refresh_live()
 
+        failure = None  # (kind, payload) of a job that did not complete
         try:
             pipeline = self._pipeline_for(job.backend)
             self._refresh_live()
@@ -418,32 +419,37 @@ class Worker(threading.Thread):
                     raise Cancelled()
                 track = d.cache.commit(job.track_id, staged, sidecar(job, info, end - job.started,
                                                                         d.settings.format))
-                d.finish(job, "complete", complete_payload(track, cached=False))
+                self._end(job, "complete", complete_payload(track, cached=False))
             d.estimator.learn(job.params, *tracker.timings(end))
         except Cancelled:
-            d.finish(job, "cancelled", cancelled_payload(job))
-            if not d.settings.keep_loaded and self.pipeline is not None:
-                self.pipeline.release()
+            failure = "cancelled", cancelled_payload(job)
         except LofiError as e:
             log.warning("job %s failed: [%s] %s", job.track_id, e.code, e.message)
-            d.finish(job, "error", {"track_id": job.track_id, "code": e.code, "message": e.message})
-            self._drop_pipeline()  # a later job re-reads a repaired checkpoint
+            failure = "error", {"track_id": job.track_id, "code": e.code, "message": e.message}
         except MemoryError:
-            d.finish(job, "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
-                                    "message": "out of memory while generating; try a shorter duration, "
-                                    "precision fp16 or closing other applications"})
-            self._drop_pipeline()
+            failure = "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
+                                "message": "out of memory while generating; try a shorter duration, "
+                                "precision fp16 or closing other applications"}
         except Exception as e:
             log.exception("job %s failed", job.track_id)
-            d.finish(job, "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
-                                    "message": f"generation failed: {type(e).__name__}: {e}"})
-            self._drop_pipeline()
+            failure = "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
+                                "message": f"generation failed: {type(e).__name__}: {e}"}
         finally:
             try:
                 staged.unlink()
             except FileNotFoundError:
                 pass
+        if failure is not None:  # free the memory first, so a status after the notice is true
+            if failure[0] == "error":
+                self._drop_pipeline()  # a later job re-reads a repaired checkpoint
+            elif not d.settings.keep_loaded and self.pipeline is not None:
+                self.pipeline.release()
             self._refresh_live()
+            self._end(job, *failure)
+
+    def _end(self, job: Job, kind: str, payload: dict) -> None:
+        self.d.queue.done(job)
+        self.d.finish(job, kind, payload)
 
 
 # -- notification payloads ---------------------------------------------------------------------

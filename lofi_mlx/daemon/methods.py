@@ -329,3 +329,8 @@ def shutdown(d, params: dict, call: Call) -> dict:
 from ..playback import install as _install_playback  # noqa: E402
 
 _install_playback(method)
+
+# Model setup (lofi_mlx/daemon_setup.py): setup, with download_progress notifications.
+from ..daemon_setup import register as _register_setup  # noqa: E402
+
+_register_setup(method)

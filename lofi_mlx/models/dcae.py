@@ -21,7 +21,8 @@ from ..errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, 
 from ..mlxrt import mx, nn
 from .common import DTYPES, drop_keys, load_strict, rms_norm
 
-# ACE-Step's own latent and mel constants (music_dcae_pipeline.py); config's scaling_factor is unused.
+# ACE-Step's own latent and mel constants (music_dcae_pipeline.py); config's scaling_factor
+# is not used.
 SCALE_FACTOR = 0.1786
 SHIFT_FACTOR = -1.9091
 MEL_MIN, MEL_MAX = -11.0, 3.0
@@ -66,47 +67,43 @@ class DCAEConfig:
             return cfg[key]
 
         # Variants this port does not implement: fail loudly rather than compute something else.
-        supported = {"downsample_block_type": "Conv", "upsample_block_type": "interpolate",
-                     "encoder_out_shortcut": True, "decoder_in_shortcut": True}
-        for key, want in supported.items():
-            if cfg.get(key, want) != want:
-                raise LofiError(MODEL_LOAD_FAILED, f"{where}: {key}={cfg[key]!r} is not supported "
+        # diffusers' defaults for the two block types differ from ACE-Step's, so those are required.
+        supported = {"downsample_block_type": ("Conv", None),
+                     "upsample_block_type": ("interpolate", None),
+                     "encoder_out_shortcut": (True, True), "decoder_in_shortcut": (True, True),
+                     "decoder_norm_types": ("rms_norm", "rms_norm"),
+                     "decoder_act_fns": ("silu", "silu"),
+                     "_class_name": ("AutoencoderDC", "AutoencoderDC")}
+        for key, (want, default) in supported.items():
+            got = need(key) if default is None else cfg.get(key, default)
+            if any(g != want for g in (got if isinstance(got, list) else [got])):
+                raise LofiError(MODEL_LOAD_FAILED, f"{where}: {key}={got!r} is not supported "
                                 f"(only {want!r}, as in ACE-Step's music_dcae_f8c8)")
+
+        def staged(key, n, conv):
+            return tuple(conv(v) for v in _per_stage(need(key), n, key))
+
+        def kernels(ks):
+            return tuple(int(k) for k in ks)
+
         try:
-            enc_ch = tuple(int(c) for c in need("encoder_block_out_channels"))
-            dec_ch = tuple(int(c) for c in need("decoder_block_out_channels"))
-            ne, nd = len(enc_ch), len(dec_ch)
+            enc = tuple(int(c) for c in need("encoder_block_out_channels"))
+            dec = tuple(int(c) for c in need("decoder_block_out_channels"))
             c = cls(
                 in_channels=int(need("in_channels")),
                 latent_channels=int(need("latent_channels")),
                 attention_head_dim=int(need("attention_head_dim")),
-                encoder_block_types=_per_stage(need("encoder_block_types"), ne, "encoder_block_types"),
-                decoder_block_types=_per_stage(need("decoder_block_types"), nd, "decoder_block_types"),
-                encoder_block_out_channels=enc_ch,
-                decoder_block_out_channels=dec_ch,
-                encoder_layers_per_block=tuple(int(n) for n in
-                                               _per_stage(need("encoder_layers_per_block"), ne,
-                                                          "encoder_layers_per_block")),
-                decoder_layers_per_block=tuple(int(n) for n in
-                                               _per_stage(need("decoder_layers_per_block"), nd,
-                                                          "decoder_layers_per_block")),
-                encoder_qkv_multiscales=tuple(tuple(int(k) for k in ks) for ks in
-                                              _per_stage(need("encoder_qkv_multiscales"), ne,
-                                                         "encoder_qkv_multiscales")),
-                decoder_qkv_multiscales=tuple(tuple(int(k) for k in ks) for ks in
-                                              _per_stage(need("decoder_qkv_multiscales"), nd,
-                                                         "decoder_qkv_multiscales")),
+                encoder_block_types=staged("encoder_block_types", len(enc), str),
+                decoder_block_types=staged("decoder_block_types", len(dec), str),
+                encoder_block_out_channels=enc,
+                decoder_block_out_channels=dec,
+                encoder_layers_per_block=staged("encoder_layers_per_block", len(enc), int),
+                decoder_layers_per_block=staged("decoder_layers_per_block", len(dec), int),
+                encoder_qkv_multiscales=staged("encoder_qkv_multiscales", len(enc), kernels),
+                decoder_qkv_multiscales=staged("decoder_qkv_multiscales", len(dec), kernels),
             )
-            norms = _per_stage(cfg.get("decoder_norm_types", "rms_norm"), nd, "decoder_norm_types")
-            acts = _per_stage(cfg.get("decoder_act_fns", "silu"), nd, "decoder_act_fns")
         except (TypeError, ValueError) as e:
             raise LofiError(MODEL_LOAD_FAILED, f"{where}: malformed value: {e}") from e
-        if any(n != "rms_norm" for n in norms):
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: decoder_norm_types {norms!r} not supported "
-                            f"(only 'rms_norm')")
-        if any(a != "silu" for a in acts):
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: decoder_act_fns {acts!r} not supported "
-                            f"(only 'silu')")
         c._validate(where)
         return c
 
@@ -131,9 +128,10 @@ class DCAEConfig:
                     ks = getattr(self, f"{side}_qkv_multiscales")[i]
                     if any(k % 2 == 0 for k in ks):
                         bad(f"{side}_qkv_multiscales {ks}: even kernels not supported")
-            for cin, cout in zip(ch[:-1], ch[1:]):
-                if (cin * 4) % cout or (cout * 4) % cin:
-                    bad(f"{side} channels {cin}->{cout}: no whole channel-repeat/group factor")
+            for lo, hi in zip(ch[:-1], ch[1:]):
+                # Down(lo->hi) averages groups of 4*lo/hi channels; Up(hi->lo) repeats 4*lo/hi times
+                if (lo * 4) % hi:
+                    bad(f"{side} channels {lo}<->{hi}: no whole channel-repeat/group factor")
             if ch[-1] % self.latent_channels:
                 bad(f"{side} last stage {ch[-1]} channels not a multiple of latent_channels")
 
@@ -284,6 +282,8 @@ class MultiscaleLinearAttention(nn.Module):
     The reference concatenates [q | k | v | ms(q|k|v) ...] on channels and cuts it into groups of
     3*head_dim consecutive channels, each split into Q/K/V. The to_q/to_k/to_v weights are fused
     into one [3C, C] matmul (sanitize), which keeps exactly that channel order.
+    For H*W <= head_dim the reference switches to the N x N form of the same ReLU attention
+    (identical up to rounding); the linear form is used for every size here.
     """
 
     def __init__(self, channels: int, head_dim: int, kernels: tuple):
@@ -292,7 +292,8 @@ class MultiscaleLinearAttention(nn.Module):
         self.head_dim = head_dim
         inner = self.heads * head_dim
         self.to_qkv = nn.Linear(channels, 3 * inner, bias=False)
-        self.to_qkv_multiscale = [MultiscaleProjection(3 * inner, 3 * self.heads, k) for k in kernels]
+        self.to_qkv_multiscale = [MultiscaleProjection(3 * inner, 3 * self.heads, k)
+                                  for k in kernels]
         self.to_out = nn.Linear(inner * (1 + len(kernels)), channels, bias=False)
         self.norm_out = RMSNormC(channels)
 
@@ -308,7 +309,7 @@ class MultiscaleLinearAttention(nn.Module):
         q = nn.relu(z[:, :, 0])
         k = nn.relu(z[:, :, 1])
         v = z[:, :, 2]
-        # sum_n v_n k_n^T with a ones row appended to v: the last row is the denominator's sum_n k_n.
+        # sum_n v_n k_n^T, plus a ones row appended to v: that row is the denominator's sum_n k_n.
         vk = mx.concatenate([v.swapaxes(-1, -2) @ k, k.sum(axis=-2, keepdims=True)], axis=-2)
         o = q @ vk.swapaxes(-1, -2)  # [B, G, N, d+1]
         o = o[..., :d] / (o[..., d:] + ATTN_EPS)
@@ -344,7 +345,8 @@ class EfficientViTBlock(nn.Module):
 # Nearest x2 then a 3x3 conv == four 2x2 convs on the low-res input, one per output phase:
 # along each axis phase 0 sees rows (i-1, i) with kernel rows (w0, w1+w2), phase 1 sees (i, i+1)
 # with (w0+w1, w2). 4/9 of the multiply-adds, and the x2 input is never materialised.
-_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)  # [phase, tap, k]
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],  # [phase, tap, kernel row]
+                        [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
 class UpBlock(nn.Module):
@@ -356,7 +358,7 @@ class UpBlock(nn.Module):
         self.repeats = cout * 4 // cin
 
     def phase_weight(self):
-        """[cout, 3, 3, cin] -> [4*cout, 2, 2, cin], output channel (2a + b)*cout + o (fp32 sums)."""
+        """[cout, 3, 3, cin] -> [4*cout, 2, 2, cin], out channel (2a + b)*cout + o; fp32 sums."""
         w = self.conv.weight
         taps = mx.array(_PHASE_TAPS)
         k = mx.einsum("apy,bqx,oyxi->abopqi", taps, taps, w.astype(mx.float32))
@@ -367,10 +369,14 @@ class UpBlock(nn.Module):
         cout = self.conv.weight.shape[0]
         y = mx.conv2d(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), self.phase_weight())
         y = y.reshape(B, H + 1, W + 1, 2, 2, cout) + self.conv.bias
-        # shortcut S[k, 2i+a, 2j+b] = x[(4k + 2a + b) // repeats, i, j], also split by phase
-        s = repeat_channels(x, self.repeats).reshape(B, H, W, cout, 2, 2)
-        rows = [mx.stack([y[:, a:a + H, b:b + W, a, b] + s[..., a, b] for b in (0, 1)], axis=3)
-                for a in (0, 1)]
+        rows = []
+        for a in (0, 1):
+            row = []
+            for b in (0, 1):
+                # shortcut S[k, 2i+a, 2j+b] = x[(4k + 2a + b) // repeats, i, j]
+                src = (mx.arange(cout) * 4 + 2 * a + b) // self.repeats
+                row.append(y[:, a:a + H, b:b + W, a, b] + mx.take(x, src, axis=-1))
+            rows.append(mx.stack(row, axis=3))
         return mx.stack(rows, axis=2).reshape(B, 2 * H, 2 * W, cout)
 
 
@@ -475,8 +481,8 @@ class MusicDCAE(nn.Module):
         self._need("decoder")
         z = mx.array(latents).astype(mx.float32)
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
-            raise LofiError(INVALID_PARAMS, f"DCAE latents must be [B, {self.config.latent_channels}, "
-                            f"H, T], got {list(z.shape)}")
+            raise LofiError(INVALID_PARAMS, f"DCAE latents must be [B, "
+                            f"{self.config.latent_channels}, H, T], got {list(z.shape)}")
         mels = []
         for b in range(z.shape[0]):
             zb = (z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR).astype(self.dtype)
@@ -491,8 +497,9 @@ class MusicDCAE(nn.Module):
         x = mx.array(mel).astype(mx.float32)
         f = self.encoder.factor
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise LofiError(INVALID_PARAMS, f"DCAE encoder input must be [B, {self.config.in_channels}, "
-                            f"H, F] with H and F multiples of {f}, got {list(x.shape)}")
+            raise LofiError(INVALID_PARAMS, f"DCAE encoder input must be [B, "
+                            f"{self.config.in_channels}, H, F] with H and F multiples of {f}, "
+                            f"got {list(x.shape)}")
         outs = []
         for b in range(x.shape[0]):
             xb = (((x[b:b + 1] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5).astype(self.dtype)
@@ -525,18 +532,21 @@ def sanitize(weights: dict[str, np.ndarray], parts: tuple = PARTS) -> dict[str, 
         out[k] = v
     for head, qkv in fused.items():
         if set(qkv) != {"to_q", "to_k", "to_v"}:
-            raise LofiError(MODEL_LOAD_FAILED, f"{head}: needs to_q, to_k and to_v, found {sorted(qkv)}")
-        out[f"{head}.to_qkv.weight"] = np.concatenate([qkv["to_q"], qkv["to_k"], qkv["to_v"]], axis=0)
+            raise LofiError(MODEL_LOAD_FAILED,
+                            f"{head}: needs to_q, to_k and to_v, found {sorted(qkv)}")
+        out[f"{head}.to_qkv.weight"] = np.concatenate([qkv[n] for n in ("to_q", "to_k", "to_v")])
     return out
 
 
 def load(checkpoint_root: str | Path, precision: str = "fp32", parts: tuple = PARTS) -> MusicDCAE:
     """Load the DCAE; parts=("decoder",) skips the encoder (its keys are dropped on purpose)."""
     if precision not in DTYPES:
-        raise LofiError(INVALID_PARAMS, f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        raise LofiError(INVALID_PARAMS,
+                        f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
     parts = tuple(parts)
     if not parts or any(p not in PARTS for p in parts):
-        raise LofiError(INVALID_PARAMS, f"parts must be a non-empty subset of {PARTS}, got {parts!r}")
+        raise LofiError(INVALID_PARAMS,
+                        f"parts must be a non-empty subset of {PARTS}, got {parts!r}")
     cfg_dict, raw = load_component(checkpoint_root, "dcae")
     cfg = DCAEConfig.from_dict(cfg_dict)
     return from_weights(cfg, raw, precision, parts, str(component_dir(checkpoint_root, "dcae")))

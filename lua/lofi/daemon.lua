@@ -8,18 +8,20 @@ local M = {}
 local STDERR_LINES = 40
 local STABLE_MS = 30000 -- a daemon up this long has its restart count reset
 
+---@class lofi.Proc
+---@field obj vim.SystemObj
+---@field client lofi.RpcClient
+---@field stopping boolean
+---@field exited boolean set from the exit callback itself, so vim.wait sees it
+---@field started_at integer
+
 local S = {
-  proc = nil, ---@type vim.SystemObj?
-  client = nil, ---@type lofi.RpcClient?
-  gen = 0, -- bumps on every spawn; output of an older process is ignored
-  exited = {}, -- gen -> true, set from the exit callback directly (read by vim.wait)
-  stopping = false,
-  started_at = 0,
+  cur = nil, ---@type lofi.Proc?
   restarts = 0,
   restart_timer = nil,
   gave_up = false,
   stderr = {},
-  handlers = {}, -- on_notification(method, params), on_event(name, data)
+  handlers = {}, -- on_notification(method, params), on_event(name, data), on_log(msg)
   augroup = nil,
 }
 
@@ -56,36 +58,42 @@ function M.stderr_tail(n)
 end
 
 function M.running()
-  return S.proc ~= nil
+  return S.cur ~= nil
 end
 
 function M.pid()
-  return S.proc and S.proc.pid or nil
+  return S.cur and S.cur.obj.pid or nil
+end
+
+local function stop_restart_timer()
+  if S.restart_timer then
+    S.restart_timer:stop()
+    S.restart_timer:close()
+    S.restart_timer = nil
+  end
 end
 
 local schedule_restart
 
-local function on_exit(gen, code, signal)
-  if gen ~= S.gen then
-    return
+local function on_exit(p, code, signal)
+  local uptime = vim.uv.now() - p.started_at
+  local was_current = S.cur == p
+  if was_current then
+    S.cur = nil
   end
-  local expected = S.stopping
-  local uptime = vim.uv.now() - S.started_at
-  S.proc, S.stopping = nil, false
-  local client = S.client
-  S.client = nil
   local why = signal ~= 0 and ("signal %d"):format(signal) or ("code %d"):format(code)
-  if client then
-    client:fail_all({ code = "DAEMON_EXITED", message = "lofi daemon exited (" .. why .. ")" })
+  p.client:fail_all({ code = "DAEMON_EXITED", message = "lofi daemon exited (" .. why .. ")" })
+  if not was_current then
+    return -- replaced by setup(); nobody is waiting on it
   end
   emit("daemon_exit", {
     code = code,
     signal = signal,
-    expected = expected,
+    expected = p.stopping,
     uptime_ms = uptime,
     stderr = M.stderr_tail(10),
   })
-  if expected or vim.v.exiting ~= vim.NIL then
+  if p.stopping or vim.v.exiting ~= vim.NIL then
     return
   end
   if uptime >= STABLE_MS then
@@ -99,36 +107,32 @@ local function spawn()
   if not cmd then
     return nil, { code = "DAEMON_NOT_FOUND", message = where }
   end
-  S.gen = S.gen + 1
-  local gen = S.gen
   S.stderr = {}
-  local client
-  local ok, proc = pcall(vim.system, cmd, {
+  local p = { stopping = false, exited = false, started_at = vim.uv.now() } ---@type lofi.Proc
+  local ok, obj = pcall(vim.system, cmd, {
     stdin = true,
     text = false,
     env = config.daemon_env(),
     stdout = function(_, data)
       if data then
         vim.schedule(function()
-          if gen == S.gen and client then
-            client:feed(data)
-          end
+          p.client:feed(data)
         end)
       end
     end,
     stderr = function(_, data)
       if data then
         vim.schedule(function()
-          if gen == S.gen then
+          if S.cur == p then
             push_stderr(data)
           end
         end)
       end
     end,
   }, function(out)
-    S.exited[gen] = true
+    p.exited = true
     vim.schedule(function()
-      on_exit(gen, out.code, out.signal)
+      on_exit(p, out.code, out.signal)
     end)
   end)
   if not ok then
@@ -138,28 +142,27 @@ local function spawn()
         message = ("cannot start the lofi daemon `%s` (from %s): %s"):format(
           table.concat(cmd, " "),
           where,
-          tostring(proc)
+          tostring(obj)
         ),
       }
   end
-  S.proc = proc
-  S.started_at = vim.uv.now()
-  client = rpc.client({
+  p.obj = obj
+  p.client = rpc.client({
     timeout_ms = config.options.request_timeout_ms,
     write = function(line)
-      if gen ~= S.gen or not S.proc then
+      if p.exited then
         return false, "daemon not running"
       end
-      return pcall(proc.write, proc, line)
+      return pcall(obj.write, obj, line)
     end,
     on_notification = function(method, params)
-      if S.handlers.on_notification then
+      if S.cur == p and S.handlers.on_notification then
         S.handlers.on_notification(method, params)
       end
     end,
     on_error = log_error,
   })
-  S.client = client
+  S.cur = p
   if not S.augroup then
     S.augroup = vim.api.nvim_create_augroup("lofi_daemon", { clear = true })
     vim.api.nvim_create_autocmd("VimLeavePre", {
@@ -170,7 +173,7 @@ local function spawn()
       end,
     })
   end
-  return client
+  return p.client
 end
 
 schedule_restart = function(why)
@@ -189,20 +192,17 @@ schedule_restart = function(why)
   S.restarts = S.restarts + 1
   local attempt = S.restarts
   local delay = 500 * 2 ^ (attempt - 1)
-  if S.restart_timer then
-    S.restart_timer:stop()
-    S.restart_timer:close()
-  end
-  S.restart_timer = assert(vim.uv.new_timer())
-  S.restart_timer:start(
+  stop_restart_timer()
+  local timer = assert(vim.uv.new_timer())
+  S.restart_timer = timer
+  timer:start(
     delay,
     0,
     vim.schedule_wrap(function()
-      if S.restart_timer then
-        S.restart_timer:close()
-        S.restart_timer = nil
+      if S.restart_timer == timer then
+        stop_restart_timer()
       end
-      if S.proc or vim.v.exiting ~= vim.NIL then
+      if S.cur or vim.v.exiting ~= vim.NIL then
         return -- a request already started a new one
       end
       local client, err = spawn()
@@ -217,17 +217,13 @@ end
 --- The running daemon's client, spawning the daemon if needed.
 ---@return lofi.RpcClient?, table? err
 function M.ensure()
-  if S.client then
-    return S.client
+  if S.cur then
+    return S.cur.client
   end
   if S.gave_up then
     S.gave_up, S.restarts = false, 0
   end
-  if S.restart_timer then
-    S.restart_timer:stop()
-    S.restart_timer:close()
-    S.restart_timer = nil
-  end
+  stop_restart_timer()
   return spawn()
 end
 
@@ -244,6 +240,7 @@ function M.request(method, params, cb, timeout_ms)
 end
 
 --- Synchronous request for health checks and scripts (blocks up to timeout_ms).
+---@return any result, table? err
 function M.request_sync(method, params, timeout_ms)
   local done, r_err, r_res = false, nil, nil
   M.request(method, params, function(err, res)
@@ -258,20 +255,26 @@ function M.request_sync(method, params, timeout_ms)
   return r_res, r_err
 end
 
---- Graceful stop: `shutdown`, close stdin, SIGKILL after shutdown_timeout_ms. `cb()` when gone.
+local function begin_stop(p)
+  p.stopping = true
+  p.client:request("shutdown", nil, function() end, false)
+  pcall(p.obj.write, p.obj, nil) -- close stdin: the daemon exits on EOF as well
+end
+
+--- Graceful stop: `shutdown`, close stdin, SIGKILL after shutdown_timeout_ms. The next request
+--- starts a new daemon at once; `cb()` runs when the old one is gone.
 function M.stop(cb)
-  local proc, gen = S.proc, S.gen
-  if not proc then
+  local p = S.cur
+  stop_restart_timer()
+  if not p then
     if cb then
       vim.schedule(cb)
     end
     return
   end
-  S.stopping = true
-  if S.client then
-    S.client:request("shutdown", nil, function() end, config.options.shutdown_timeout_ms)
-  end
-  pcall(proc.write, proc, nil)
+  S.cur = nil
+  begin_stop(p)
+  emit("daemon_exit", { code = 0, signal = 0, expected = true, uptime_ms = vim.uv.now() - p.started_at, stderr = {} })
   local timer = assert(vim.uv.new_timer())
   local waited = 0
   timer:start(
@@ -279,9 +282,9 @@ function M.stop(cb)
     20,
     vim.schedule_wrap(function()
       waited = waited + 20
-      if S.exited[gen] or waited >= config.options.shutdown_timeout_ms then
-        if not S.exited[gen] then
-          pcall(proc.kill, proc, 9)
+      if p.exited or waited >= config.options.shutdown_timeout_ms then
+        if not p.exited then
+          pcall(p.obj.kill, p.obj, 9)
         end
         if not timer:is_closing() then
           timer:stop()
@@ -297,37 +300,29 @@ end
 
 --- Blocking stop for VimLeavePre: Neovim is about to exit, so wait here (at most the timeout).
 function M.shutdown_sync()
-  local proc, gen = S.proc, S.gen
-  if not proc then
+  local p = S.cur
+  stop_restart_timer()
+  if not p then
     return
   end
-  S.stopping = true
-  if S.restart_timer then
-    S.restart_timer:stop()
-    S.restart_timer:close()
-    S.restart_timer = nil
-  end
-  if S.client then
-    S.client:request("shutdown", nil, function() end, false)
-  end
-  pcall(proc.write, proc, nil)
+  begin_stop(p)
   local gone = vim.wait(config.options.shutdown_timeout_ms, function()
-    return S.exited[gen] == true
+    return p.exited
   end, 10)
   if not gone then
-    pcall(proc.kill, proc, 9)
+    pcall(p.obj.kill, p.obj, 9)
   end
 end
 
 --- State for :checkhealth and tests.
 function M.info()
   return {
-    running = S.proc ~= nil,
+    running = S.cur ~= nil,
     pid = M.pid(),
     restarts = S.restarts,
     gave_up = S.gave_up,
-    generation = S.gen,
-    in_flight = S.client and S.client:in_flight() or 0,
+    in_flight = S.cur and S.cur.client:in_flight() or 0,
+    stream = S.cur and S.cur.client:stats() or nil,
   }
 end
 

@@ -10,7 +10,7 @@ local LineBuffer = {}
 LineBuffer.__index = LineBuffer
 
 function M.line_buffer()
-  return setmetatable({ parts = {} }, LineBuffer)
+  return setmetatable({ parts = {}, chunks = 0, lines = 0, joined = 0 }, LineBuffer)
 end
 
 --- Feed a raw chunk; returns the complete, non-empty lines it finished (without "\n" / "\r\n").
@@ -19,6 +19,7 @@ end
 function LineBuffer:feed(chunk)
   local lines = {}
   local pos = 1
+  self.chunks = self.chunks + 1
   while true do
     local nl = chunk:find("\n", pos, true)
     if not nl then
@@ -29,12 +30,14 @@ function LineBuffer:feed(chunk)
       self.parts[#self.parts + 1] = line
       line = table.concat(self.parts)
       self.parts = {}
+      self.joined = self.joined + 1
     end
     if line:sub(-1) == "\r" then
       line = line:sub(1, -2)
     end
     if line:find("%S") then
       lines[#lines + 1] = line
+      self.lines = self.lines + 1
     end
     pos = nl + 1
   end
@@ -158,6 +161,11 @@ function Client:request(method, params, cb, timeout_ms)
     end)
   end
   return id
+end
+
+--- Counters: chunks read, lines decoded, lines that were reassembled from several chunks.
+function Client:stats()
+  return { chunks = self.buf.chunks, lines = self.buf.lines, joined = self.buf.joined }
 end
 
 --- Number of requests still waiting for an answer.

@@ -144,11 +144,10 @@ function M.on_event(name, d)
     end
     S.download, S.playing = nil, nil
     if not d.expected then
-      local tail = d.stderr and d.stderr[#d.stderr]
       notify(
-        ("daemon exited (%s)%s"):format(
+        ("daemon exited unexpectedly (%s); log: %s"):format(
           d.signal ~= 0 and ("signal " .. d.signal) or ("code " .. tostring(d.code)),
-          tail and (": " .. tail) or ""
+          vim.fs.joinpath(config.home(), "logs", "daemon.log")
         ),
         vim.log.levels.WARN
       )

@@ -1,5 +1,5 @@
 -- A tiny test runner for headless Neovim: cases run in order, results go to $LOFI_TEST_OUT as JSON.
-local H = { results = {}, only = vim.env.LOFI_TEST_ONLY }
+local H = { results = {}, data = {}, only = vim.env.LOFI_TEST_ONLY }
 
 local function fmt(v)
   return vim.inspect(v, { newline = " ", indent = "" })
@@ -56,11 +56,19 @@ function H.wait(ms, cond, what)
   end
 end
 
---- Write the results and quit.
+--- Keep a value for the Python side (written next to the results).
+function H.record(key, value)
+  H.data[key] = value
+end
+
+--- Write the results (and recorded data) and quit.
 function H.finish()
   local out = assert(vim.env.LOFI_TEST_OUT, "LOFI_TEST_OUT not set")
   local f = assert(io.open(out, "w"))
   f:write(vim.json.encode(H.results))
+  f:close()
+  f = assert(io.open(out .. ".data", "w"))
+  f:write(vim.json.encode(next(H.data) and H.data or vim.empty_dict()))
   f:close()
   vim.cmd("qa!")
 end

@@ -28,7 +28,8 @@ def nvim_path() -> str:
 
 def run_spec(spec: str, tmp_path: Path, env: dict | None = None, only: list[str] | None = None,
              timeout: float = 120) -> dict[str, dict]:
-    """Run tests/nvim/<spec>.lua; returns {case name: {ok, err, ms}}. Raises if Neovim fails."""
+    """Run tests/nvim/<spec>.lua; returns {case name: {ok, err, ms}} plus, under the key
+    "__data__", what the spec recorded with H.record. Raises if Neovim wrote no results."""
     out = tmp_path / f"{spec}.results.json"
     full_env = dict(os.environ)
     full_env.update({
@@ -49,7 +50,11 @@ def run_spec(spec: str, tmp_path: Path, env: dict | None = None, only: list[str]
     if not out.exists():
         raise AssertionError(f"nvim exited {proc.returncode} without results\nstdout:\n{proc.stdout}\n"
                              f"stderr:\n{proc.stderr}")
-    return {r["name"]: r for r in json.loads(out.read_text())}
+    results = {r["name"]: r for r in json.loads(out.read_text())}
+    data = Path(str(out) + ".data")
+    results["__data__"] = json.loads(data.read_text()) if data.exists() else {}
+    results["__stderr__"] = proc.stderr
+    return results
 
 
 def check(results: dict[str, dict], name: str):

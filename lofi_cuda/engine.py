@@ -1,0 +1,293 @@
+"""The ONNX Runtime engine: ACE-Step's graphs on CUDA (NVIDIA GPUs) or the CPU.
+
+Implements the Engine protocol (lofi_mlx/protocol.py) the shared sampler and pipeline drive,
+with the same memory policy as the MLX engine: a stage's sessions are created when the stage
+first runs and dropped when it ends (`end_stage`), unless `keep_loaded=True`.
+
+Graphs come from `<checkpoint>/onnx/<precision>/` or the user cache when their manifest is
+fresh, and are otherwise exported once into the cache (needs the `export` extra); see
+lofi_cuda/graphs.py. Session creation failures are MODEL_LOAD_FAILED, failures while running
+MODEL_INFERENCE_FAILED.
+
+Settings: `threads` (intra-op threads), LOFI_ORT_OPT_LEVEL = disable|basic|extended|all
+(graph optimisation, default all).
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import hashlib
+import os
+import resource
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from lofi_mlx.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+
+from . import graphs as G
+from . import tables
+
+PRECISIONS = ("fp32", "fp16")
+ERG_SCALE = 0.01
+TEXT_ERG_LAYERS = (8, 10)   # half-open: UMT5 blocks 8-9
+LYRIC_ERG_LAYERS = (4, 5)
+# the graphs each stage needs
+STAGE_GRAPHS = {"text_encoder": ("text_encoder",), "transformer": ("dit_encode", "dit_decode"),
+                "dcae": ("dcae_decode",), "dcae_encoder": ("dcae_encode",), "vocoder": ("vocoder",)}
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+# A one-node (Identity) model: creating a session from it tells whether CUDA really works.
+_PROBE = base64.b64decode("CAg6OwoQCgF4EgF5IghJZGVudGl0eRIFcHJvYmVaDwoBeBIKCggIARIECgIIAWIPCgF5EgoKCAgB"
+                          "EgQKAggBQgQKABAN")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise LofiError(MODEL_LOAD_FAILED, "the ONNX engine needs onnxruntime: pip install 'lofi[cuda]' "
+                        "(NVIDIA GPU) or 'lofi[onnx-cpu]'") from e
+    return onnxruntime
+
+
+def cuda_usable() -> bool:
+    """CUDAExecutionProvider is installed and a session on it actually gets the GPU."""
+    ort = _ort()
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        s = ort.InferenceSession(_PROBE, providers=[CUDA, CPU])
+        return s.get_providers()[0] == CUDA
+    except Exception:
+        return False
+
+
+class ONNXEngine:
+    name = "onnx"
+
+    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
+                 threads: int | None = None, keep_loaded: bool = False, log=None):
+        if precision not in PRECISIONS:
+            raise LofiError(MODEL_LOAD_FAILED, f"the ONNX engine runs fp32 or fp16, not {precision!r}")
+        if device not in ("auto", "cpu", "gpu", "cuda"):
+            raise LofiError(INVALID_PARAMS, f"unknown device {device!r} (auto, cpu or gpu)")
+        self.ort = _ort()
+        self.checkpoint = Path(checkpoint)
+        self.precision = precision
+        self.keep_loaded = keep_loaded
+        self.threads = threads
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if device == "cpu":
+            self.device = "cpu"
+        elif cuda_usable():
+            self.device = "cuda"
+        elif device == "auto":
+            self.device = "cpu"
+        else:
+            raise LofiError(MODEL_LOAD_FAILED, "LOFI_DEVICE=gpu but ONNX Runtime has no usable CUDA "
+                            f"device (providers: {', '.join(self.ort.get_available_providers())}; "
+                            "install onnxruntime-gpu with a matching CUDA/cuDNN)")
+        self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
+        level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
+        if level not in OPT_LEVELS:
+            raise LofiError(INVALID_PARAMS, f"LOFI_ORT_OPT_LEVEL must be one of {', '.join(OPT_LEVELS)}")
+        self.opt_level = getattr(self.ort.GraphOptimizationLevel, OPT_LEVELS[level])
+        self._graph_dir: Path | None = None
+        self._dims: dict = {}
+        self._sessions: dict[str, object] = {}
+        self._stages: list[str] = []
+        self._device_cache: OrderedDict = OrderedDict()  # CUDA: constant inputs kept on the GPU
+        self._lock = threading.RLock()
+
+    # -- graphs and sessions ---------------------------------------------------------------
+    def graph_dir(self) -> Path:
+        with self._lock:
+            if self._graph_dir is None:
+                folder = G.ensure_graphs(self.checkpoint, self.precision, log=self.log)
+                self._dims = G.read_manifest(folder)["dims"]
+                self._graph_dir = folder
+            return self._graph_dir
+
+    def _options(self):
+        so = self.ort.SessionOptions()
+        so.graph_optimization_level = self.opt_level
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        so.log_severity_level = 3
+        return so
+
+    def _session(self, stage: str, graph: str):
+        with self._lock:
+            if graph in self._sessions:
+                return self._sessions[graph]
+            path = self.graph_dir() / f"{graph}.onnx"
+            providers = self.providers
+            if self.device == "cuda":
+                providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested",
+                                     "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+            try:
+                sess = self.ort.InferenceSession(str(path), sess_options=self._options(), providers=providers)
+            except MemoryError as e:
+                raise LofiError(MODEL_LOAD_FAILED, f"out of memory loading {graph}") from e
+            except Exception as e:  # a damaged graph or a provider failure surfaces as anything
+                raise LofiError(MODEL_LOAD_FAILED, f"cannot create an ONNX Runtime session for {path}: "
+                                f"{type(e).__name__}: {e}") from e
+            if self.device == "cuda" and sess.get_providers()[0] != CUDA:
+                raise LofiError(MODEL_LOAD_FAILED, f"{graph}: ONNX Runtime fell back to the CPU "
+                                "(CUDA provider failed to initialise)")
+            self._sessions[graph] = sess
+            if stage not in self._stages:
+                self._stages.append(stage)
+            return sess
+
+    def release(self, stage: str | None = None) -> None:
+        with self._lock:
+            stages = list(self._stages) if stage is None else [stage]
+            for s in stages:
+                for g in STAGE_GRAPHS.get(s, ()):
+                    self._sessions.pop(g, None)
+                if s in self._stages:
+                    self._stages.remove(s)
+            if stage is None or stage == "transformer":
+                self._device_cache.clear()
+        gc.collect()
+
+    def end_stage(self, stage: str) -> None:
+        """Called by the pipeline when a stage is finished; applies the memory policy."""
+        if not self.keep_loaded:
+            self.release(stage)
+
+    def loaded(self) -> list[str]:
+        return list(self._stages)
+
+    def memory(self) -> dict:
+        """Process memory as the OS sees it (ONNX Runtime exposes no allocator statistics):
+        resident bytes now and at peak, plus the size of the graphs whose sessions are open."""
+        try:
+            with open("/proc/self/statm") as fh:
+                active = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            active = 0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        graph_bytes = 0
+        if self._graph_dir is not None:
+            for g in list(self._sessions):
+                for f in (self._graph_dir / f"{g}.onnx", self._graph_dir / f"{g}.onnx.data"):
+                    graph_bytes += f.stat().st_size if f.is_file() else 0
+        return {"active": active, "peak": peak, "graphs": graph_bytes, "device": self.device}
+
+    # -- running ---------------------------------------------------------------------------
+    def _run(self, stage: str, graph: str, feeds: dict, what: str, constant: tuple = ()) -> list:
+        sess = self._session(stage, graph)
+        try:
+            if self.device == "cuda":
+                outs = self._run_bound(sess, feeds, constant)
+            else:
+                outs = sess.run(None, feeds)
+        except LofiError:
+            raise
+        except Exception as e:
+            raise LofiError(MODEL_INFERENCE_FAILED, f"{what} failed: {type(e).__name__}: {e}") from e
+        for o in outs:
+            if np.issubdtype(o.dtype, np.floating) and not np.all(np.isfinite(o)):
+                raise LofiError(MODEL_INFERENCE_FAILED, f"{what} produced NaN or Inf values")
+        return outs
+
+    def _run_bound(self, sess, feeds: dict, constant: tuple) -> list:
+        """IO binding: inputs that repeat across sampling steps (context, tables) stay on the
+        GPU, outputs are allocated there and copied back once."""
+        binding = sess.io_binding()
+        for name, arr in feeds.items():
+            if name in constant:
+                binding.bind_ortvalue_input(name, self._on_device(arr))
+            else:
+                binding.bind_cpu_input(name, arr)
+        for out in sess.get_outputs():
+            binding.bind_output(out.name, "cuda")
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _on_device(self, arr: np.ndarray):
+        key = (arr.shape, arr.dtype.str, hashlib.blake2b(arr.tobytes(), digest_size=16).digest())
+        ov = self._device_cache.get(key)
+        if ov is None:
+            ov = self.ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
+            self._device_cache[key] = ov
+            while len(self._device_cache) > 16:
+                self._device_cache.popitem(last=False)
+        else:
+            self._device_cache.move_to_end(key)
+        return ov
+
+    def _dim(self, key: str):
+        self.graph_dir()
+        return self._dims[key]
+
+    @staticmethod
+    def _f32(x) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    @staticmethod
+    def _i64(x) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.int64)
+
+    # -- the Engine protocol ---------------------------------------------------------------
+    def encode_text(self, input_ids, attention_mask, erg: bool = False) -> np.ndarray:
+        n = int(np.shape(input_ids)[1])
+        layers = self._dim("text_layers")
+        lo, hi = TEXT_ERG_LAYERS
+        q = np.array([ERG_SCALE if erg and lo <= i < hi else 1.0 for i in range(layers)], np.float32)
+        feeds = {"input_ids": self._i64(input_ids), "attention_mask": self._i64(attention_mask),
+                 "buckets": tables.t5_buckets(n, self._dim("text_buckets"), self._dim("text_max_distance")),
+                 "q_scale": q}
+        return self._run("text_encoder", "text_encoder", feeds, "text encoder")[0]
+
+    def encode_context(self, text_hidden, text_mask, lyric_ids, lyric_mask, erg_lyric: bool = False):
+        n = int(np.shape(lyric_ids)[1])
+        blocks = self._dim("lyric_blocks")
+        q = np.array([ERG_SCALE if erg_lyric and i in LYRIC_ERG_LAYERS else 1.0 for i in range(blocks)],
+                     np.float32)
+        feeds = {"text_hidden": self._f32(text_hidden), "text_mask": self._i64(text_mask),
+                 "lyric_ids": self._i64(lyric_ids), "lyric_mask": self._i64(lyric_mask),
+                 "pe": tables.relative_positions(n, self._dim("lyric_width"), self.precision),
+                 "rel_index": tables.relative_index(n), "lyric_q_scale": q}
+        ctx, mask = self._run("transformer", "dit_encode", feeds, "DiT encode")
+        return ctx, mask
+
+    def velocity(self, x, timestep, ctx, ctx_mask, erg) -> np.ndarray:
+        x = self._f32(x)
+        b, t = x.shape[0], x.shape[-1]
+        ctx = self._f32(ctx)
+        d, theta = self._dim("head_dim"), self._dim("rope_theta")
+        cos, sin = tables.rope_tables(t, d, theta, self.precision)
+        cc, sc = tables.rope_tables(ctx.shape[1], d, theta, self.precision)
+        feeds = {"x": x, "timestep": self._f32(np.broadcast_to(np.reshape(timestep, -1), (b,))),
+                 "ctx": ctx, "ctx_mask": self._f32(ctx_mask),
+                 "q_scale": np.where(np.asarray(erg, bool).reshape(-1), ERG_SCALE, 1.0).astype(np.float32),
+                 "cos": cos, "sin": sin, "cos_ctx": cc, "sin_ctx": sc}
+        return self._run("transformer", "dit_decode", feeds, "DiT",
+                         constant=("ctx", "ctx_mask", "cos", "sin", "cos_ctx", "sin_ctx"))[0]
+
+    def dcae_decode(self, latents) -> np.ndarray:
+        lat = self._f32(latents)
+        # one item at a time like the reference: the DCAE attention is global, batch 1 bounds memory
+        return np.concatenate([self._run("dcae", "dcae_decode", {"latents": lat[i:i + 1]}, "DCAE")[0]
+                               for i in range(lat.shape[0])])
+
+    def vocode(self, mel) -> np.ndarray:
+        mel = self._f32(mel)
+        b, c, m, f = mel.shape
+        wave = self._run("vocoder", "vocoder", {"mel": mel.reshape(b * c, m, f)}, "vocoder")[0]
+        return wave.reshape(b, c, -1)
+
+    def dcae_encode(self, mel) -> np.ndarray:
+        mel = self._f32(mel)
+        return np.concatenate([self._run("dcae_encoder", "dcae_encode", {"mel": mel[i:i + 1]},
+                                         "DCAE encoder")[0] for i in range(mel.shape[0])])
