@@ -181,7 +181,7 @@ class ONNXEngine:
             for g in list(self._sessions):
                 for f in (self._graph_dir / f"{g}.onnx", self._graph_dir / f"{g}.onnx.data"):
                     graph_bytes += f.stat().st_size if f.is_file() else 0
-        return {"active": active, "peak": peak, "graphs": graph_bytes, "device": self.device}
+        return {"active": active, "peak": max(peak, active), "graphs": graph_bytes, "device": self.device}
 
     # -- running ---------------------------------------------------------------------------
     def _run(self, stage: str, graph: str, feeds: dict, what: str, constant: tuple = ()) -> list:

@@ -114,6 +114,8 @@ def _confirm(question: str) -> bool:
     sys.stderr.write(question)
     sys.stderr.flush()
     answer = sys.stdin.readline()
+    if answer and not sys.stdin.isatty():
+        sys.stderr.write(answer if answer.endswith("\n") else answer + "\n")  # not echoed
     if not answer:
         sys.stderr.write("\n")
         raise LofiError("INVALID_PARAMS", "no answer on stdin; pass --yes to set up without asking")

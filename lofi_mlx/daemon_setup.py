@@ -1,7 +1,8 @@
 """The daemon method `setup` {backend, dry_run?, revision?, precision?, keep_original?}.
 
-dry_run: answers the plan at once (total and download size, free disk, whether it fits), so the
-editor can show it and ask. Otherwise the setup starts on its own thread after the response and
+dry_run: answers the plan at once (Plan.summary(): total_bytes, download_bytes, free_bytes,
+needed_bytes, enough_disk, files_to_download, files_changed, files_to_verify, convert, ... and
+the current state / state_detail), so the editor can show it and ask. Otherwise the setup starts on its own thread after the response and
 reports through notifications:
   download_progress {backend, stage: downloading|verifying|converting, file, bytes_done,
                      bytes_total, overall_percent}     at most 4 a second, plus each file's ends
@@ -64,7 +65,8 @@ def handle_setup(d, params: dict, call) -> dict:
                   engine=_engine(d), keep_original=params.get("keep_original"))
     if params.get("dry_run"):
         plan = setup.plan_setup(home, **kwargs)
-        return dict(plan.summary(), **{"state": setup.backend_state(home, kwargs["engine"])})
+        st = setup.backend_state(home, kwargs["engine"])
+        return dict(plan.summary(), state=st["state"], state_detail=st.get("detail"))
     key = str(root)
     with _lock:
         t = _running.get(key)

@@ -22,13 +22,16 @@ class MLXEngine:
     name = "mlx"
 
     def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
-                 keep_loaded: bool = False, threads: int | None = None):
+                 keep_loaded: bool = False, threads: int | None = None,
+                 native_dir: str | Path | None = None):
         if precision not in DTYPES:
             raise LofiError(MODEL_LOAD_FAILED, f"unknown precision {precision!r}")
         self.checkpoint = Path(checkpoint)
         self.precision = precision
         self.dtype = DTYPES[precision]
         self.keep_loaded = keep_loaded
+        # MLX-native (already sanitized) weights: a conversion or a synthetic benchmark checkpoint
+        self.native_dir = Path(native_dir) if native_dir else None
         set_threads(threads)
         if device == "cpu" or (device == "auto" and not _gpu_available()):
             mx.set_default_device(mx.cpu)
@@ -43,13 +46,27 @@ class MLXEngine:
         self._lock = threading.RLock()
 
     # -- memory policy ---------------------------------------------------------------------
+    def load(self, stage: str) -> None:
+        """Load a stage's network now (otherwise it loads on first use)."""
+        self._get(stage)
+
     def _get(self, stage: str):
         with self._lock:
             if stage not in self._models:
                 self._models[stage] = self._load(stage)
             return self._models[stage]
 
+    _COMPONENT = {"text_encoder": ("text_encoder", None), "transformer": ("transformer", None),
+                  "dcae": ("dcae", ("decoder",)), "dcae_encoder": ("dcae", ("encoder",)),
+                  "vocoder": ("vocoder", None)}
+
     def _load(self, stage: str):
+        if self.native_dir is not None:
+            from .checkpoint import read_config
+            from .models.native import load_native
+            comp, parts = self._COMPONENT[stage]
+            return load_native(self.native_dir / f"{comp}.safetensors", comp,
+                               read_config(self.checkpoint, comp), parts, self.dtype)
         try:
             if stage == "text_encoder":
                 from .models import umt5

@@ -410,6 +410,7 @@ class Progress:
         self.status_percent = 0.0
         self.percent = 0.0
         self.stage = None
+        self.last_event: dict | None = None
 
     def add_work(self, stage: str, nbytes: int) -> None:
         self.total += _COST[stage] * nbytes
@@ -423,23 +424,26 @@ class Progress:
         now = time.monotonic()
         force = force or stage != self.stage
         self.stage = stage
+        self.last_event = {"backend": BACKEND, "stage": stage, "file": file,
+                           "bytes_done": int(bytes_done), "bytes_total": int(bytes_total),
+                           "overall_percent": self.percent}
         if force or now - self.last_emit >= self.min_gap:
             self.last_emit = now
             if self.callback:
-                self.callback({"backend": BACKEND, "stage": stage, "file": file,
-                               "bytes_done": int(bytes_done), "bytes_total": int(bytes_total),
-                               "overall_percent": self.percent})
+                self.callback(dict(self.last_event))
         if self.status_path and (force or now - self.last_status >= 1.0
                                  or self.percent - self.status_percent >= 0.5):
             self.last_status, self.status_percent = now, self.percent
             _write_json(self.status_path, {"pid": os.getpid(), "stage": stage, "file": file,
                                            "overall_percent": self.percent, "time": time.time()})
 
-    def finish(self, file: str = "") -> None:
+    def finish(self) -> None:
+        """The last event again, at 100 percent (a setup with nothing to do sends only this)."""
         self.percent = 100.0
         if self.callback:
-            self.callback({"backend": BACKEND, "stage": self.stage or "verifying", "file": file,
-                           "bytes_done": 0, "bytes_total": 0, "overall_percent": 100.0})
+            self.callback(dict(self.last_event or {"backend": BACKEND, "stage": "verifying", "file": "",
+                                                   "bytes_done": 0, "bytes_total": 0},
+                               overall_percent=100.0))
 
 
 # -- the lock ----------------------------------------------------------------------------------

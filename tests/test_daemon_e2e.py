@@ -54,8 +54,9 @@ def test_generate_progress_complete_and_cached(daemon, home):
     prog = daemon.events("generation_progress", tid)
     pct = [p["percent"] for p in prog]
     assert pct == sorted(pct) and max(pct) <= 99 and len(prog) >= 3
-    stages = [p["stage"] for p in prog]
-    assert "diffusion" in stages and stages.index("diffusion") < len(stages) - 1
+    order = ["text_encoding", "diffusion", "dcae_decode", "vocoder", "writing"]
+    seen = [order.index(p["stage"]) for p in prog]  # at most 4/s: a quick stage may be skipped
+    assert seen == sorted(seen)
 
     data, sr = sf.read(done["path"], dtype="float32")
     assert sr == 48000 and data.shape == (5 * 48000, 2)
@@ -146,5 +147,8 @@ def test_damaged_checkpoint(tmp_path):
 
         # repaired: the next job re-reads the checkpoint and succeeds
         shutil.copyfile(CHECKPOINT / "umt5-base" / "model.safetensors", umt5)
-        res = d.call("generate", dict(REQ, seed=2))
-        assert d.end(res["track_id"], timeout=120)[0] == "complete"
+        n = len(d.lines)
+        again = d.call("generate", dict(REQ, seed=2))
+        assert again["track_id"] == res["track_id"] and again["status"] == "queued"
+        m = d.wait_for(lambda m: m.get("method") in ("generation_complete", "generation_error"), 120, start=n)
+        assert m["method"] == "generation_complete", m

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import CHECKPOINT
+from tests.hub_server import HubServer
 from tests.nvim.run import check, run_spec
 
 CASES = [
@@ -81,3 +82,35 @@ def test_daemon_gone_after_neovim_exits(e2e):
             return
         time.sleep(0.05)
     pytest.fail(f"daemon {pid} still alive after Neovim exited")
+
+
+SETUP_CASES = ["setup_asks_then_installs_with_progress", "installed_model_generates",
+               "setup_again_says_already_set_up"]
+REVISION = "c3" * 20
+
+
+@pytest.fixture(scope="module")
+def setup_run(tmp_path_factory):
+    """`:Lofi setup ace-step` from an empty LOFI_HOME, the Hub being a loopback server."""
+    tmp = tmp_path_factory.mktemp("nvim_setup")
+    hub = HubServer().start()
+    hub.add_folder(REVISION, CHECKPOINT)
+    env = {"LOFI_HOME": str(tmp / "lofi_home"), "LOFI_PLAYER": "null",
+           "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp / "hf_home"),
+           "LOFI_ACE_STEP_REVISION": REVISION, "NO_PROXY": "127.0.0.1,localhost",
+           "HF_TOKEN": "", "HF_HUB_OFFLINE": "0"}
+    try:
+        results = run_spec("setup_spec", tmp, env=env, timeout=600)
+    finally:
+        hub.stop()
+    results["__hub__"] = hub
+    return results
+
+
+@pytest.mark.parametrize("case", SETUP_CASES)
+def test_setup_from_the_editor(setup_run, case):
+    check(setup_run, case)
+
+
+def test_setup_downloaded_from_the_loopback_hub(setup_run):
+    assert setup_run["__hub__"].requests, "the Hub stand-in saw no request"

@@ -156,22 +156,118 @@ def test_verify_fp32_passes_on_cpu(engine):
 
 def test_verify_fp16_within_documented_bounds(engine16):
     from lofi_mlx.verify import TOLERANCES
-    rep, _ = _verify(engine16)
+    rep, text = _verify(engine16)
     rows = _engine_rows(rep.rows)
     assert len(rows) > 150
-    worst = {}
+    module_rtol = TOLERANCES["fp16"]["module"][1]
     for name, err, tol, ok in rows:
-        if tol == 0.0:  # exact checks (token ids, masks)
-            assert ok, name
+        if ok:
             continue
-        kind = "run" if abs(tol / TOLERANCES["fp16"]["run"][1] - tol / TOLERANCES["fp16"]["module"][1]) and \
-            name.endswith(("latents", "wav_44100", "wav_48000", "wav_44100.0", "wav_48000.0", ".out",
-                           "in.mel", "(recorded mel)")) and not ok else "module"
-        ref_max = tol / TOLERANCES["fp16"]["run" if ok and False else "module"][1]
-        rel = err / ref_max if ref_max else err
-        bound = FP16_DCAE_ENCODE if name.startswith("dcae_encode:") and name.endswith("latents") \
-            else (FP16_BOUNDS["run"] if kind == "run" or not ok and "whole run" in name else FP16_BOUNDS["module"])
-        if not ok:
-            assert rel <= bound, f"{name}: relative error {rel:.3e} > {bound:.1e}"
-        worst[name] = rel
-    assert max(worst.values()) > 1e-4  # really fp16: not bit-identical to the fp32 graphs
+        # the one documented exception: the DCAE encoder's latents (a single-module check)
+        assert name.startswith("dcae_encode:") and name.endswith(".latents"), \
+            "\n" + "\n".join(line for line in text.splitlines() if line.startswith("FAIL"))
+        rel = err / (tol / module_rtol)
+        assert rel <= FP16_DCAE_ENCODE, f"{name}: relative error {rel:.3e} > {FP16_DCAE_ENCODE:.0e}"
+    # really fp16: the velocities are not those of the fp32 graphs
+    dec = [r for r in rows if r[0] == "transformer:decode.sample"][0]
+    assert dec[1] > 1e-5
+
+
+def test_verify_cli_exit_code(onnx_cache, capsys):
+    from lofi_cuda.verify import main
+    assert main([str(GOLDEN), "--device", "cpu", "--only", "transformer"]) == 0
+    out = capsys.readouterr().out
+    assert "(onnx/cpu/fp32" in out and "0 failed" in out
+
+
+# ---- the engine's behaviour --------------------------------------------------------------------
+
+def test_same_seed_gives_identical_audio(engine):
+    from lofi_mlx.params import GenerateParams
+    from lofi_mlx.pipeline import Pipeline
+    pipe = Pipeline(CHECKPOINT, engine)
+    waves = []
+    for _ in range(2):
+        p = GenerateParams(prompt="lofi piano, rain", duration_sec=3.0, infer_steps=4, seed=1234)
+        waves.append(pipe.audio_44k(pipe.latents(p, frames=12)))
+    assert waves[0].shape == (2, 4096 * 12) and np.all(np.isfinite(waves[0]))
+    np.testing.assert_array_equal(waves[0], waves[1])
+    p = GenerateParams(prompt="lofi piano, rain", duration_sec=3.0, infer_steps=4, seed=1235)
+    assert not np.array_equal(pipe.audio_44k(pipe.latents(p, frames=12)), waves[0])
+
+
+def test_sessions_follow_the_memory_policy(onnx_cache):
+    eng = ONNXEngine(CHECKPOINT, "fp32", device="cpu")
+    assert eng.name == "onnx" and eng.device == "cpu" and eng.loaded() == []
+    ids, mask = np.array([[5, 6, 1]]), np.ones((1, 3), np.int64)
+    eng.encode_text(ids, mask)
+    assert eng.loaded() == ["text_encoder"]
+    eng.encode_context(np.zeros((1, 3, 32), np.float32), mask, np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64))
+    assert eng.loaded() == ["text_encoder", "transformer"]
+    eng.end_stage("text_encoder")
+    assert eng.loaded() == ["transformer"]
+    mem = eng.memory()
+    assert mem["active"] > 0 and mem["peak"] >= mem["active"] and mem["graphs"] > 0
+    eng.release()
+    assert eng.loaded() == [] and eng.memory()["graphs"] == 0
+    kept = ONNXEngine(CHECKPOINT, "fp32", device="cpu", keep_loaded=True)
+    kept.encode_text(ids, mask)
+    kept.end_stage("text_encoder")
+    assert kept.loaded() == ["text_encoder"]
+
+
+def test_device_selection_without_cuda(onnx_cache):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this test is about machines without CUDA")
+    assert ONNXEngine(CHECKPOINT, device="auto").device == "cpu"
+    with pytest.raises(LofiError) as e:
+        ONNXEngine(CHECKPOINT, device="gpu")
+    assert e.value.code == MODEL_LOAD_FAILED and "CUDA" in e.value.message
+    with pytest.raises(LofiError):
+        ONNXEngine(CHECKPOINT, precision="bf16")
+
+
+def test_runtime_failure_is_inference_failed(engine):
+    ctx = np.zeros((1, 4, 64), np.float32)
+    with pytest.raises(LofiError) as e:
+        engine.velocity(np.zeros((1, 7, 16, 5), np.float32), np.array([500.0]), ctx,
+                        np.ones((1, 4), np.float32), np.array([False]))
+    assert e.value.code == MODEL_INFERENCE_FAILED
+
+
+@pytest.fixture()
+def ckpt_copy(tmp_path):
+    dst = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT, dst)
+    return dst
+
+
+def test_graphs_in_the_checkpoint_are_used_and_checked(engine, ckpt_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty_cache"))
+    folder = ckpt_copy / "onnx" / "fp32"
+    shutil.copytree(engine.graph_dir(), folder)
+    # the copy has new mtimes, so freshness falls back to the sha256 of each file
+    assert G.stale_reason(folder, ckpt_copy, "fp32") is None
+    eng = ONNXEngine(ckpt_copy, "fp32", device="cpu")
+    assert eng.graph_dir() == folder
+    # a damaged graph fails when its session is created
+    (folder / "text_encoder.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(LofiError) as e:
+        eng.encode_text(np.array([[5, 1]]), np.ones((1, 2), np.int64))
+    assert e.value.code == MODEL_LOAD_FAILED and "text_encoder.onnx" in e.value.message
+    # a changed checkpoint file makes the graphs stale
+    cfg = ckpt_copy / "music_vocoder" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"f_min": 40', '"f_min": 41'))
+    assert "changed" in G.stale_reason(folder, ckpt_copy, "fp32")
+
+
+def test_missing_export_extra_is_a_clear_error(ckpt_copy, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setitem(sys.modules, "convert.to_onnx", None)  # as if torch/onnx were absent
+    eng = ONNXEngine(ckpt_copy, "fp32", device="cpu")
+    with pytest.raises(LofiError) as e:
+        eng.encode_text(np.array([[5, 1]]), np.ones((1, 2), np.int64))
+    assert e.value.code == MODEL_LOAD_FAILED
+    assert "export" in e.value.message and "convert.to_onnx" in e.value.message

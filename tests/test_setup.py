@@ -422,7 +422,7 @@ def test_daemon_setup_method_plans_then_runs_with_notifications(hub, home):
     call = FakeCall()
     plan = daemon_setup.handle_setup(d, {"backend": "ace-step", "dry_run": True, "revision": REV_A}, call)
     assert plan["download_bytes"] == plan["total_bytes"] > 0 and plan["enough_disk"] is True
-    assert plan["free_bytes"] > 0 and plan["state"]["state"] == "not_installed"
+    assert plan["free_bytes"] > 0 and plan["state"] == "not_installed"
     assert call.deferred == [] and hub.gets() == []
 
     res = daemon_setup.handle_setup(d, {"backend": "ace-step", "revision": REV_A}, call)

@@ -5,7 +5,8 @@ A handler is `fn(daemon, params: dict, call: Call) -> result`, registered with `
 **spec)` where spec maps each accepted parameter to (types, required). Parameters outside the
 spec are refused. `call.after_send(fn)` runs fn once the response has been written, so a
 notification about a request (e.g. generation_complete for a cached track) always follows its
-response. Another module adds methods the same way, importing `method` from here.
+response. Another module adds methods the same way, importing `method` from here, or hands a
+table of plain `fn(params)` handlers to `add_plain_methods`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def method(name: str, spec: dict | None = None, checks_own_params: bool = False)
         METHODS[name] = Method(fn, None if checks_own_params else (spec or {}))
         return fn
     return register
+
+
+def add_plain_methods(table: dict[str, Callable[[dict], object]]) -> None:
+    """Register handlers that take only their params dict and check it themselves, e.g. the
+    table filled by `lofi_mlx.playback.register(table, daemon.notify)`."""
+    for name, fn in table.items():
+        METHODS[name] = Method(lambda d, params, call, fn=fn: fn(params), None)
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}

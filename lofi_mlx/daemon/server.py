@@ -39,6 +39,7 @@ class Daemon:
         self.estimator = Estimator()
         self.worker = Worker(self)
         self.stop_reason: str | None = None
+        self.on_stop: list = []  # callables run at shutdown (e.g. stop our own playback)
         self._stop = threading.Event()
 
     # -- used by methods and jobs -------------------------------------------------------------
@@ -106,5 +107,10 @@ class Daemon:
             finally:
                 running.lock.release()
         self.cache.remove_staging()
+        for fn in self.on_stop:
+            try:
+                fn()
+            except Exception:
+                log.exception("shutdown hook failed")
         log.info("stopped in %.2f s", time.monotonic() - t0)
         return 0

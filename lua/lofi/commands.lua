@@ -191,37 +191,44 @@ local function format_status(st)
 end
 
 local function confirm_setup(lofi, backend)
-  lofi.backends(function(err, res)
-    local size
-    if not err and type(res) == "table" then
-      for _, b in ipairs(res.backends or res) do
-        if type(b) == "table" and (b.name == backend or b.backend == backend) then
-          size = b.download_bytes or b.size_bytes or b.total_bytes
-          if b.state == "ready" then
-            info(backend .. " is already installed")
-            return
-          end
-        end
-      end
+  info(("checking what setting up %s takes..."):format(backend))
+  lofi.install_plan(backend, function(err, plan)
+    if err then
+      return fail(("setup %s: [%s] %s"):format(backend, err.code, err.message))
     end
-    local home = config.home()
-    local stat = vim.uv.fs_statfs(vim.fn.isdirectory(home) == 1 and home or vim.fs.dirname(home))
-    local free = stat and stat.bavail * stat.bsize or nil
-    local msg = ("Download %s (%s) into %s? Free disk: %s"):format(
+    local work = (plan.download_bytes or 0) > 0
+      or (plan.files_to_verify or 0) > 0
+      or (plan.files_changed or 0) > 0
+      or #(plan.convert or {}) > 0
+    if plan.state == "ready" and not work then
+      return info(backend .. " is already set up in " .. tostring(plan.path))
+    end
+    if plan.enough_disk == false then
+      return fail(
+        ("setup %s: not enough disk in %s: needs %s, %s free"):format(
+          backend,
+          tostring(plan.path),
+          human_bytes(plan.needed_bytes),
+          human_bytes(plan.free_bytes)
+        )
+      )
+    end
+    local msg = ("Set up %s in %s:\ndownload %s (model %s in all), free disk %s.\nStart now?"):format(
       backend,
-      size and human_bytes(size) or "about 7.7 GB",
-      home,
-      free and human_bytes(free) or "unknown"
+      tostring(plan.path),
+      human_bytes(plan.download_bytes or 0),
+      human_bytes(plan.total_bytes),
+      human_bytes(plan.free_bytes)
     )
     if vim.fn.confirm(msg, "&Yes\n&No", 2) ~= 1 then
-      return
+      return info("setup cancelled")
     end
     info("setting up " .. backend .. " (progress in the statusline)")
-    lofi.install(backend, function(e)
+    lofi.install(backend, function(e, res)
       if e then
         fail(("setup %s: [%s] %s"):format(backend, e.code, e.message))
       else
-        info(backend .. " is ready")
+        info(("%s is ready (%s)"):format(backend, tostring(res and res.state or "ready")))
       end
     end)
   end)

@@ -11,6 +11,8 @@ local EVENTS = {
   "generation_error",
   "generation_cancelled",
   "download_progress",
+  "setup_complete",
+  "setup_error",
   "daemon_exit",
   "daemon_restart",
   "playback_started",
@@ -24,6 +26,7 @@ local awaiting = 0 -- generate requests the daemon has not answered yet
 local early = {} -- track_id -> {err, track}: a job ended before its generate answer arrived
 local last_track = nil -- the last completed track (what play() plays by default)
 local prompts = {} -- path -> prompt, for labelling playback
+local installs = {} -- backend -> callbacks waiting for setup_complete / setup_error
 local wired = false
 
 local function report(msg)
@@ -59,6 +62,14 @@ local function finish(track_id, err, track)
   end
 end
 
+local function finish_install(backend, err, res)
+  local cbs = installs[backend] or {}
+  installs[backend] = nil
+  for _, cb in ipairs(cbs) do
+    safe_call(cb, err, res)
+  end
+end
+
 local function on_notification(method, params)
   local ui = require("lofi.ui")
   if method == "playback_started" and params.path and not params.prompt then
@@ -78,6 +89,14 @@ local function on_notification(method, params)
       code = params.code or "MODEL_INFERENCE_FAILED",
       message = params.message or "generation failed",
       track_id = id,
+    })
+  elseif method == "setup_complete" then
+    finish_install(params.backend, nil, params)
+  elseif method == "setup_error" then
+    finish_install(params.backend, {
+      code = params.code or "SETUP_FAILED",
+      message = params.message or "setup failed",
+      data = params.data,
     })
   elseif method == "generation_cancelled" then
     finish(id, {
@@ -103,6 +122,9 @@ local function on_event(name, data)
       finish(id, vim.tbl_extend("force", err, { track_id = id }))
     end
     early = {}
+    for backend in pairs(vim.deepcopy(installs)) do
+      finish_install(backend, vim.deepcopy(err))
+    end
   end
 end
 
@@ -277,12 +299,31 @@ function M.set_backend(name, cb)
   end)
 end
 
---- Download and prepare a backend's model (daemon method `setup`); progress comes as
---- download_progress events. `cb(err, result)`.
+--- What setting up a backend would do, without doing it: sizes, free disk, whether it fits.
+--- `cb(err, plan)`.
+function M.install_plan(backend, cb)
+  validate("backend", backend, "string")
+  validate("cb", cb, "function")
+  request("setup", { backend = backend, dry_run = true }, cb, 120000)
+end
+
+--- Download, verify and convert a backend's model (daemon method `setup`). Progress comes as
+--- download_progress events; `cb(err, result)` runs once, when the setup has finished.
 function M.install(backend, cb)
   validate("backend", backend, "string")
   validate("cb", cb, "function", true)
-  request("setup", { backend = backend }, cb or default_cb("setup"), false)
+  cb = cb or default_cb("setup")
+  request("setup", { backend = backend }, function(err, res)
+    if err then
+      return cb(err)
+    end
+    if res.started or res.running then
+      installs[backend] = installs[backend] or {}
+      table.insert(installs[backend], cb)
+    else
+      cb(nil, res)
+    end
+  end)
 end
 
 --- Play an audio file through the daemon (default: the last generated track). `cb(err, result)`.

@@ -132,6 +132,8 @@ function M.on_event(name, d)
     if pct >= 100 then
       S.download = nil
     end
+  elseif name == "setup_complete" or name == "setup_error" then
+    S.download = nil
   elseif name == "playback_started" then
     S.playing = { path = d.path, label = d.prompt or vim.fn.fnamemodify(d.path or "", ":t:r") }
   elseif name == "playback_ended" then
