@@ -147,7 +147,8 @@ class MLXEngine:
     def vocode(self, mel) -> np.ndarray:
         model = self._get("vocoder")
         b, c, m, f = mel.shape
-        wave = model(self._arr(np.asarray(mel).reshape(b * c, m, f)))
+        # windowed with overlap: whole-length output, bounded conv workspace for 240 s tracks
+        wave = model.decode(self._arr(np.asarray(mel).reshape(b * c, m, f)))
         return _to_numpy(wave, "vocoder").reshape(b, c, -1)
 
     def dcae_encode(self, mel) -> np.ndarray:

@@ -84,7 +84,7 @@ def test_daemon_gone_after_neovim_exits(e2e):
     pytest.fail(f"daemon {pid} still alive after Neovim exited")
 
 
-SETUP_CASES = ["setup_asks_then_installs_with_progress", "installed_model_generates",
+SETUP_CASES = ["checkhealth_before_setup", "setup_asks_then_installs_with_progress", "installed_model_generates",
                "setup_again_says_already_set_up"]
 REVISION = "c3" * 20
 

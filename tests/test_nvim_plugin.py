@@ -2,6 +2,9 @@
 
 Each case runs in tests/nvim/unit_spec.lua inside a real headless Neovim (one process for all)."""
 
+import os
+import time
+
 import pytest
 
 from tests.nvim.run import check, run_spec
@@ -40,3 +43,21 @@ def test_plugin(results, case):
 
 def test_every_case_listed(results):
     assert sorted(k for k in results if not k.startswith("__")) == sorted(CASES)
+
+
+def test_exit_kills_a_daemon_that_ignores_shutdown(tmp_path):
+    """VimLeavePre: `shutdown`, stdin closed, then SIGKILL after shutdown_timeout_ms (1.5 s)."""
+    t0 = time.monotonic()
+    res = run_spec("exit_spec", tmp_path)
+    elapsed = time.monotonic() - t0
+    check(res, "stubborn_daemon_started")
+    pid = res["__data__"]["daemon_pid"]
+    assert 1.5 <= elapsed < 10, f"Neovim took {elapsed:.2f} s to exit"
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"daemon {pid} survived Neovim")

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,8 +31,14 @@ VOCODER = "music_vocoder/diffusion_pytorch_model.safetensors"
 NEEDED = sorted(str(p.relative_to(CHECKPOINT)) for p in CHECKPOINT.rglob("*") if p.is_file())
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hfc
+    from huggingface_hub.utils import _detect_agent
+
     server = HubServer().start()
     server.add_folder(REV_A, CHECKPOINT)
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
@@ -40,8 +47,31 @@ def hub(monkeypatch, tmp_path):
     for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                 "http_proxy", "https_proxy", "all_proxy", setup.REVISION_ENV):
         monkeypatch.delenv(var, raising=False)
+    # huggingface_hub read HF_ENDPOINT at import, possibly before this test; its user-agent code
+    # fetches an "agent harness" list from that endpoint once per process. Point both here.
+    monkeypatch.setattr(hfc, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
+    # and make sure: any connection or name lookup outside loopback is recorded and fails the test
+    outside = []
+    real_connect, real_lookup = socket.socket.connect, socket.getaddrinfo
+
+    def connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            outside.append(address)
+            raise OSError(f"test: no network outside loopback ({address})")
+        return real_connect(sock, address)
+
+    def lookup(host, *args, **kwargs):
+        if host not in LOOPBACK:
+            outside.append(host)
+            raise OSError(f"test: no name lookups ({host})")
+        return real_lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
     yield server
     server.stop()
+    assert outside == [], f"tried to reach the network outside loopback: {outside}"
 
 
 @pytest.fixture
@@ -505,3 +535,13 @@ def test_real_daemon_setup_survives_a_kill_and_resumes(hub, tmp_path):
     gets = hub.gets(BIG)
     assert len(gets) == 1 and gets[0]["range"] == f"bytes={half}-"
     assert (home / "ace-step" / BIG).read_bytes() == (CHECKPOINT / BIG).read_bytes()
+
+
+def test_hf_token_goes_to_the_hub_and_never_to_the_cdn(hub, home, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    setup.run_setup(home, REV_A, engine="none")
+    hub_reqs = [r for r in hub.requests if r["server"] == "hub"]
+    cdn_reqs = [r for r in hub.requests if r["server"] == "cdn"]
+    assert hub_reqs and cdn_reqs
+    assert all(r["auth"] == "Bearer hf_loopback_test_token" for r in hub_reqs), [(r["method"], r["path"], r["auth"]) for r in hub_reqs]
+    assert all(r["auth"] is None for r in cdn_reqs)

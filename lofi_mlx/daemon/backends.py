@@ -1,7 +1,7 @@
 """What each backend is, whether it can run here, and how its pipeline is opened.
 
 "ace-step" is this product's model; its state comes from the checkpoint under
-`$LOFI_HOME/ace-step/`. "musicgen" is named by the user's feature document but not part of this
+`$LOFI_HOME/ace-step/` and the record `lofi setup` keeps of it. "musicgen" is named by the user's feature document but not part of this
 product: it is reported honestly as not installed so the editor can say so. Nothing here imports
 an ML framework; `open_pipeline` does, on the worker thread, when the first job runs.
 """
@@ -12,7 +12,6 @@ import platform
 import sys
 
 from .. import MODEL_VERSION
-from ..checkpoint import check_checkpoint
 from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
 from ..params import MAX_DURATION, MIN_DURATION, SAMPLE_RATE
 from ..settings import BACKENDS, Settings
@@ -42,24 +41,35 @@ class Backends:
                             {"field": "backend", "allowed": list(BACKENDS)})
         return name
 
-    def state(self, name: str) -> tuple[str, str | None]:
-        """(ready | not_installed | damaged, message a person can act on)."""
+    def state(self, name: str) -> tuple[str, str | None, dict]:
+        """(ready | not_installed | downloading | converting | damaged, a message a person can act
+        on, details such as the setup's percent). The checkpoint's own record of its setup decides
+        (lofi_mlx.setup.backend_state: sizes and mtimes only, cheap enough for every request)."""
         if name == "musicgen":
-            return "not_installed", MUSICGEN_MESSAGE
+            return "not_installed", MUSICGEN_MESSAGE, {}
+        from ..setup import backend_state
         try:
-            check_checkpoint(self.settings.checkpoint_dir)
-        except LofiError as e:
-            if e.code == MODEL_NOT_FOUND:
-                return "not_installed", f"{e.message}"
-            return "damaged", f"{e.message} (run `lofi setup ace-step` to repair it)"
-        return "ready", None
+            engine = self.engine_name()
+        except LofiError:
+            engine = "none"
+        st = dict(backend_state(self.settings.home, engine))
+        state = st.pop("state")
+        if state == "not_installed":
+            message = (f"ACE-Step is not installed in {self.settings.checkpoint_dir}: "
+                       "run `lofi setup ace-step` (or `:Lofi setup ace-step`)")
+        elif state in ("downloading", "converting"):
+            message = (f"ACE-Step is being set up ({state}, {st.get('percent', 0.0):.0f}%); "
+                       "generate once setup is complete")
+        else:
+            message = st.pop("detail", None)
+        return state, message, st
 
     def require_ready(self, name: str) -> None:
-        state, message = self.state(name)
-        if state == "not_installed":
-            raise LofiError(MODEL_NOT_FOUND, message, {"backend": name, "state": state})
-        if state != "ready":
-            raise LofiError(MODEL_LOAD_FAILED, message, {"backend": name, "state": state})
+        state, message, _ = self.state(name)
+        if state == "ready":
+            return
+        code = MODEL_LOAD_FAILED if state == "damaged" else MODEL_NOT_FOUND
+        raise LofiError(code, message, {"backend": name, "state": state})
 
     def engine_name(self) -> str:
         """The engine a job will run on: what track ids are computed with."""
@@ -78,8 +88,8 @@ class Backends:
 
     def describe(self, name: str, live: dict | None = None) -> dict:
         """One backend for get_backends; `live` is what the worker's engine reports, if it exists."""
-        state, message = self.state(name)
-        base = {"name": name, "state": state, "message": message, "current": name == self.current}
+        state, message, detail = self.state(name)
+        base = dict(detail, name=name, state=state, message=message, current=name == self.current)
         if name == "musicgen":
             return dict(base, min_duration_sec=None, max_duration_sec=30.0, sample_rate=None,
                         model_version=None, engine=None, device=None, precision=None, path=None)

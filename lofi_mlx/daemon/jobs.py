@@ -2,8 +2,8 @@
 
 A job is created by `generate` (on the reader thread), waits in the queue (high priority ahead of
 normal, first-in first-out within a priority), runs on the worker thread, and ends in exactly
-one of complete, error or cancelled: `finish` is the only way out and emits the notification
-under the job's lock, the same lock that orders its progress notifications.
+one of complete, error or cancelled: `Daemon.finish` is the only way out and emits the
+notification under the job's lock, the same lock that orders its progress notifications.
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ class Job:
         self.lock = threading.RLock()
         self.cancel_requested = threading.Event()
         self.announced = threading.Event()  # set once the generate response has been written
-        self.outcome: str | None = None
-        self.state = "queued"
+        self.outcome: str | None = None  # complete | error | cancelled, set once
         self.stage: str | None = None
         self.step = 0
         self.total_steps = params.infer_steps
         self.percent = 0
         self.eta_sec: float | None = None
-        self.submitted_at = time.time()
         self.started: float | None = None  # monotonic
         self.tracker: ProgressTracker | None = None
 
@@ -107,12 +105,11 @@ class JobQueue:
                 return same, "queued", self.position(same)
             if len(self.pending) >= self.capacity:
                 wait = estimator.queue_wait(self.running, self.pending)
-                slot = estimator.remaining(self.running) if self.running is not None else 0.0
+                slot = estimator.remaining(self.running)
+                when = ("no job has been timed yet to estimate the wait" if wait is None else
+                        f"a slot frees in about {slot:.0f} s, the queue drains in about {wait:.0f} s")
                 raise LofiError(QUEUE_FULL, f"the queue is full ({len(self.pending)} of {self.capacity} "
-                                f"jobs waiting); " + (f"a slot frees in about {slot:.0f} s, the queue "
-                                f"drains in about {wait:.0f} s" if wait is not None else
-                                "no job has been timed yet to estimate the wait") +
-                                "; retry later or cancel a queued job",
+                                f"jobs waiting); {when}; retry later or cancel a queued job",
                                 {"queue_length": len(self.pending), "queue_size": self.capacity,
                                  "estimated_wait_sec": _round(wait), "retry_after_sec": _round(slot)})
             bisect.insort(self.pending, job, key=Job.order)
@@ -127,7 +124,6 @@ class JobQueue:
             if self.closed or not self.pending:
                 return None
             job = self.pending.pop(0)
-            job.state = "running"
             self.running = job
             return job
 
@@ -166,8 +162,9 @@ def _nfe(p: GenerateParams) -> int:
 
 class Estimator:
     """Job times from measurements: seconds per (network evaluation x audio second) for the
-    diffusion, seconds per audio second for decoding, plus a fixed start-up cost. Learned as
-    moving averages over finished jobs; the running job's own step times count too."""
+    diffusion steps, seconds per audio second for decoding, and the start-up cost (loading, text
+    encoding and the first step). Moving averages over finished jobs; before the first job has
+    finished, the running job's own step time stands in."""
 
     def __init__(self):
         self.step_unit: float | None = None
@@ -195,7 +192,8 @@ class Estimator:
         if step_unit is None:
             return None
         post = (post_unit * p.duration_sec) if post_unit is not None else 0.0
-        return (self.overhead or 0.0) + step_unit * _nfe(p) * p.duration_sec + post
+        timed_steps = _nfe(p) * (p.infer_steps - 1) / p.infer_steps  # the first is in the overhead
+        return (self.overhead or 0.0) + step_unit * timed_steps * p.duration_sec + post
 
     def remaining(self, job: Job | None) -> float | None:
         if job is None:
@@ -343,10 +341,10 @@ class Worker(threading.Thread):
                 self._release_if_asked()
 
     def _release_if_asked(self) -> None:
+        """Between jobs: drop the engine when asked (set_backend, or setup replaced the files)."""
         if self.release_requested.is_set():
             self.release_requested.clear()
-            if self.pipeline is not None and self.pipeline_backend != self.d.backends.current:
-                self._drop_pipeline()
+            self._drop_pipeline()
 
     def _drop_pipeline(self) -> None:
         if self.pipeline is not None:

@@ -286,7 +286,7 @@ def get_backends(d, params: dict, call: Call) -> dict:
 @method("set_backend", {"backend": ((str,), True)})
 def set_backend(d, params: dict, call: Call) -> dict:
     name = d.backends.check_name(params["backend"])
-    state, message = d.backends.state(name)
+    state, message, _ = d.backends.state(name)
     if name == "musicgen":
         raise LofiError(MODEL_NOT_FOUND, message, {"backend": name, "state": state})
     previous, d.backends.current = d.backends.current, name

@@ -23,7 +23,7 @@ from .transport import Writer, read_lines
 
 log = logging.getLogger("lofi.daemon")
 
-STOP_BUDGET_SEC = 0.7  # of the 1 s allowed, the part spent waiting for the worker to stop
+STOP_BUDGET_SEC = 0.5  # of the 1 s allowed, the part spent waiting for the worker to stop
 TICK_SEC = 0.1
 
 
@@ -39,7 +39,8 @@ class Daemon:
         self.estimator = Estimator()
         self.worker = Worker(self)
         self.stop_reason: str | None = None
-        self.on_stop: list = []  # callables run at shutdown (e.g. stop our own playback)
+        self.on_stop: list = []  # callables run at shutdown
+        self.player = None  # made on first use by the playback methods (lofi_mlx/playback.py)
         self._stop = threading.Event()
 
     # -- used by methods and jobs -------------------------------------------------------------
@@ -51,7 +52,7 @@ class Daemon:
         with job.lock:
             if job.outcome is not None:
                 return False
-            job.outcome, job.state = kind, "done"
+            job.outcome = kind
             self.notify("generation_" + kind, payload)
         log.info("job %s %s", job.track_id, kind)
         return True
@@ -107,6 +108,8 @@ class Daemon:
             finally:
                 running.lock.release()
         self.cache.remove_staging()
+        if self.player is not None:
+            self.on_stop.append(self.player.close)  # stop our own playback, nothing else
         for fn in self.on_stop:
             try:
                 fn()

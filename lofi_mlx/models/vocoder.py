@@ -9,8 +9,8 @@ Half precision (fp16/bf16): the backbone's and the HiFi-GAN's residual streams a
 normalised and grow along the network, so they are carried in fp32; every convolution and
 linear reads its input cast to the run dtype and its result is widened back to fp32 before the
 bias, the residual add, the ResBlock average and the final tanh. Norm statistics and the
-(elementwise) depthwise convs are fp32 too. This costs activation bandwidth, not weight memory,
-and cannot overflow where the reference's own fp16 run could.
+(elementwise) depthwise convs are fp32 too. This costs activation bandwidth, not weight memory;
+sums along the residual streams cannot overflow, only a single conv input beyond ±65504 could.
 
 Full length (240 s: 20 664 mel frames -> 10.5 M samples per channel) needs several GB of conv
 workspace in one pass; `Vocoder.decode` runs overlapping windows with an exact halo instead.
@@ -79,7 +79,8 @@ class VocoderConfig:
             problems.append("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
         if any((k - r) % 2 or k < r for k, r in zip(c.upsample_kernel_sizes, c.upsample_rates)):
             problems.append("an upsample kernel is shorter than its rate or differs from it by an odd count")
-        if any(k % 2 == 0 for k in c.resblock_kernel_sizes + [c.pre_conv_kernel_size, c.post_conv_kernel_size]):
+        odd = c.resblock_kernel_sizes + [c.pre_conv_kernel_size, c.post_conv_kernel_size]
+        if any(k % 2 == 0 for k in odd):
             problems.append("conv kernel sizes must be odd")
         if c.use_template:
             problems.append("use_template=true (noise convs) is not supported")
@@ -323,10 +324,10 @@ class Vocoder(nn.Module):
         `taps`, if given, receives the channels-last intermediates `backbone`, `head.conv_pre`
         and `head.ups.{u}` (for parity tests).
         """
-        if mel.ndim != 3 or mel.shape[1] != self.cfg.input_channels:
+        if len(mel.shape) != 3 or mel.shape[1] != self.cfg.input_channels:
             raise LofiError(INVALID_PARAMS, f"vocoder input must be [B, {self.cfg.input_channels}, F], "
                             f"got {list(mel.shape)}")
-        x = self.backbone(_to(mel, F32).transpose(0, 2, 1))
+        x = self.backbone(_to(mx.array(mel), F32).transpose(0, 2, 1))
         if taps is not None:
             taps["backbone"] = x
         y = self.head(x, taps)
@@ -344,7 +345,7 @@ class Vocoder(nn.Module):
                   for kk, ds in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes))
         rate = 1
         for up in self.head.ups:
-            frames += max(up.jmax, -up.jmin, 0) / rate
+            frames += (max(up.jmax, -up.jmin, 0) + 1) / rate  # +1: the output phase offset
             rate *= up.stride
             frames += res / rate
         frames += (c.post_conv_kernel_size // 2) / rate

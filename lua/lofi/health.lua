@@ -50,22 +50,23 @@ local function check_backends(h)
     return
   end
   local list = (type(res) == "table" and (res.backends or res)) or {}
-  local preferred = config.options.backend
+  local preferred = config.options.backend or res.current
   local any_ready = false
   for _, b in ipairs(list) do
     local name = b.name or b.backend or "?"
     local where = b.engine and (" (engine %s, device %s)"):format(b.engine, tostring(b.device)) or ""
+    local why = b.message and (": " .. b.message) or ""
     if b.state == "ready" then
       any_ready = true
       h.ok(("model %s: ready%s"):format(name, where))
     elseif b.state == "downloading" or b.state == "converting" then
-      h.info(("model %s: %s"):format(name, b.state))
+      h.info(("model %s: %s%s"):format(name, b.state, why))
     elseif name == preferred then
-      h.error(("model %s (the configured backend): %s"):format(name, tostring(b.state)), {
+      h.error(("model %s (the backend in use): %s%s"):format(name, tostring(b.state), why), {
         ":Lofi setup " .. name,
       })
     else
-      h.info(("model %s: %s"):format(name, tostring(b.state)))
+      h.info(("model %s: %s%s"):format(name, tostring(b.state), why))
     end
   end
   if not any_ready then

@@ -123,7 +123,7 @@ local function on_event(name, data)
     end
     early = {}
     for backend in pairs(vim.deepcopy(installs)) do
-      finish_install(backend, vim.deepcopy(err))
+      finish_install(backend, { code = "DAEMON_EXITED", message = "the lofi daemon exited during setup" })
     end
   end
 end

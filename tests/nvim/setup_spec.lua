@@ -27,6 +27,15 @@ local function all_notes()
   )
 end
 
+H.test("checkhealth_before_setup", function()
+  vim.cmd("checkhealth lofi")
+  local text = table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), "\n")
+  vim.cmd("bwipeout!")
+  H.matches(text, "daemon answers ping", "daemon checked")
+  H.matches(text, "ERROR[^\n]*model ace%-step %(the backend in use%): not_installed", "missing model is an error")
+  H.matches(text, ":Lofi setup ace%-step", "advice")
+end)
+
 H.test("setup_asks_then_installs_with_progress", function()
   local progress, lines, done = {}, {}, nil
   local off1 = lofi.on("download_progress", function(d)
@@ -87,7 +96,7 @@ H.test("setup_again_says_already_set_up", function()
   vim.cmd("Lofi setup ace-step")
   H.wait(60000, function()
     return all_notes():find("already set up") ~= nil
-  end, "already set up")
+  end, "already set up; notes: " .. all_notes() .. " plan: " .. vim.inspect(require("lofi.daemon").request_sync("setup", { backend = "ace-step", dry_run = true }, 30000)))
   H.eq(#asked, 1, "not asked again")
 end)
 
