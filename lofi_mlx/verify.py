@@ -289,7 +289,9 @@ def check_dcae_encode(ctx, name, entry, g, rep):
         mel = log_mel(g[f"{case}.resampled_padded_audio"][0])
         rep.check(f"{name}:{case}.mel", mel, g[f"{case}.mel"][0])
         lat = ctx.engine.dcae_encode(g[f"{case}.mel"])
-        rep.check(f"{name}:{case}.latents", lat, g[f"{case}.out.latents"])
+        # A whole network deep (15 blocks): in half precision its ReLU linear attention flips
+        # near-zero queries between 0 and a mean of V, so it gets the whole-run bound.
+        rep.check(f"{name}:{case}.latents", lat, g[f"{case}.out.latents"], "run")
 
 
 def check_vocoder(ctx, name, entry, g, rep):

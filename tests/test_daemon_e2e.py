@@ -120,11 +120,12 @@ def test_missing_checkpoint(tmp_path):
         assert "lofi setup ace-step" in r["error"]["message"]
         b = {x["name"]: x for x in d.call("get_backends")["backends"]}
         assert b["ace-step"]["state"] == "not_installed"
-        # one component folder missing is just as missing
+        # a partial checkpoint (one component folder missing) is damaged: set up again to repair
         shutil.copytree(CHECKPOINT, home / "ace-step")
         shutil.rmtree(home / "ace-step" / "music_vocoder")
         r = d.request("generate", dict(REQ, seed=1))
-        assert r["error"]["data"]["code"] == "MODEL_NOT_FOUND" and "music_vocoder" in r["error"]["message"]
+        assert r["error"]["data"]["code"] == "MODEL_LOAD_FAILED" and "music_vocoder" in r["error"]["message"]
+        assert "lofi setup ace-step" in r["error"]["message"]
         assert d.call("ping")
 
 
