@@ -76,7 +76,9 @@ class GenerateParams:
     def track_id(self, engine: str, precision: str) -> str:
         """Hash of everything that changes the audio (the seed must be set)."""
         key = dict(self.to_dict(), engine=engine, precision=precision, model=MODEL_VERSION)
-        key["duration_sec"] = float(key["duration_sec"])
+        for f in fields(self):  # 15 and 15.0 are the same request
+            if f.type in ("float", float) and not isinstance(key[f.name], bool):
+                key[f.name] = float(key[f.name])
         blob = json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

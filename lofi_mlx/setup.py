@@ -498,19 +498,27 @@ def _download(root: Path, remote: Remote, rf: RemoteFile, progress: Progress, to
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     url = hf_hub_url(remote.repo, rf.path, revision=remote.commit, endpoint=remote.endpoint)
-    try:
-        meta = get_hf_file_metadata(url, token=token, endpoint=remote.endpoint, retry_on_errors=True)
-    except Exception as e:  # noqa: see _hub_error
-        raise _hub_error(e, f"cannot locate {rf.path}") from e
-    if meta.etag and meta.etag != rf.etag:
-        raise LofiError(DOWNLOAD_FAILED, f"{rf.path}: the Hub's file ({meta.etag}) is not the one its "
-                        f"listing names ({rf.etag}); try again later")
-    if meta.size is not None and meta.size != rf.size:
-        raise LofiError(DOWNLOAD_FAILED, f"{rf.path}: the Hub reports {meta.size} bytes, its listing {rf.size}")
-    headers = build_hf_headers(token=token)
-    headers["Accept-Encoding"] = "identity"  # byte offsets must be those of the file
-    if _origin(meta.location) != _origin(url):
-        headers.pop("authorization", None)  # a signed CDN address needs no token; never leak it
+
+    def locate() -> tuple[str, dict]:
+        """HEAD on the Hub: where the bytes are (for LFS files a signed CDN address, which
+        expires) and a check that it is the file the listing named."""
+        try:
+            meta = get_hf_file_metadata(url, token=token, endpoint=remote.endpoint, retry_on_errors=True)
+        except Exception as e:  # noqa: see _hub_error
+            raise _hub_error(e, f"cannot locate {rf.path}") from e
+        if meta.etag and meta.etag != rf.etag:
+            raise LofiError(DOWNLOAD_FAILED, f"{rf.path}: the Hub's file ({meta.etag}) is not the one "
+                            f"its listing names ({rf.etag}); try again later")
+        if meta.size is not None and meta.size != rf.size:
+            raise LofiError(DOWNLOAD_FAILED, f"{rf.path}: the Hub reports {meta.size} bytes, its "
+                            f"listing {rf.size}")
+        headers = build_hf_headers(token=token)
+        headers["Accept-Encoding"] = "identity"  # byte offsets must be those of the file
+        if _origin(meta.location) != _origin(url):
+            headers.pop("authorization", None)  # a signed CDN address needs no token; never leak it
+        return meta.location, headers
+
+    location, headers = locate()
 
     part = partial_path(root, rf.path)
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -530,7 +538,7 @@ def _download(root: Path, remote: Remote, rf: RemoteFile, progress: Progress, to
             h["Range"] = f"bytes={offset}-"
         got = 0
         try:
-            with get_session().stream("GET", meta.location, headers=h, follow_redirects=True,
+            with get_session().stream("GET", location, headers=h, follow_redirects=True,
                                       timeout=hfc.HF_HUB_DOWNLOAD_TIMEOUT) as r:
                 if r.status_code == 416 or r.status_code >= 400:
                     r.read()
@@ -563,17 +571,20 @@ def _download(root: Path, remote: Remote, rf: RemoteFile, progress: Progress, to
                 raise OSError(f"connection closed at byte {offset} of {rf.size}")
         except LofiError:
             raise
-        except transient as e:
-            tries = 0 if got else tries + 1
-            if tries > retries:
-                raise LofiError(DOWNLOAD_FAILED, f"{rf.path}: download interrupted at {human(offset)} of "
-                                f"{human(rf.size)} ({e}); run setup again to resume") from e
-            time.sleep(min(0.2 * 2 ** tries, 8.0))
-        except Exception as e:  # noqa: HTTP errors from the Hub or CDN
+        except Exception as e:  # noqa: sorted below into HTTP answers and broken transfers
             status = getattr(getattr(e, "response", None), "status_code", None)
             tries = 0 if got else tries + 1
+            if status is None and isinstance(e, transient) and tries <= retries:
+                time.sleep(min(0.2 * 2 ** tries, 8.0))  # resumed from `offset` by the next pass
+                continue
+            if status is None and isinstance(e, transient):
+                raise LofiError(DOWNLOAD_FAILED, f"{rf.path}: download interrupted at {human(offset)} "
+                                f"of {human(rf.size)} ({e}); run setup again to resume") from e
             if status in (408, 429, 500, 502, 503, 504) and tries <= retries:
                 time.sleep(min(0.2 * 2 ** tries, 8.0))
+                continue
+            if status in (401, 403, 410) and tries <= 1 and location != url:
+                location, headers = locate()  # the signed address expired: ask for a new one
                 continue
             raise _hub_error(e, f"cannot download {rf.path}") from e
     dest = root / rf.path

@@ -9,7 +9,7 @@ It answers what huggingface_hub asks (read in its file_download.py and hf_api.py
                                                       LFS files: 302 to the CDN, with X-Linked-Etag
                                                       = sha256, X-Linked-Size, X-Repo-Commit
   GET  /{repo}/resolve/{rev}/{path}                   the same, with the bytes (Range honoured)
-  HEAD/GET /lfs/{sha256}                              on a second port, a "CDN" of another origin,
+  HEAD/GET /lfs/{sha256}                              on a second port, named localhost: a "CDN",
                                                       so huggingface_hub treats it as off-Hub
 Unknown revisions answer 404 with X-Error-Code: RevisionNotFound, as the Hub does.
 
@@ -65,6 +65,7 @@ class HubServer:
         self.requests: list[dict] = []
         self._cuts: dict[str, tuple[int, bool]] = {}
         self._served_instead: dict[str, bytes] = {}
+        self._fail: dict[str, int] = {}
         self.release_event = threading.Event()
         self.cut_reached = threading.Event()
         self._lock = threading.Lock()
@@ -102,6 +103,10 @@ class HubServer:
         self.cut_reached.clear()
         self._cuts[path] = (at, stall)
 
+    def fail_next(self, path: str, status: int) -> None:
+        """The next GET of `path`'s bytes answers `status` (403: an expired signed address)."""
+        self._fail[path] = status
+
     def release(self) -> None:
         self.release_event.set()
 
@@ -127,7 +132,9 @@ class HubServer:
 
     @property
     def cdn(self) -> str:
-        return f"http://127.0.0.1:{self._cdn.server_address[1]}"
+        # Another host name than the Hub's, so it is another origin even if an earlier server's
+        # Hub port is reused (huggingface_hub follows redirects within known Hub origins).
+        return f"http://localhost:{self._cdn.server_address[1]}"
 
     def start(self) -> "HubServer":
         self._hub = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, "hub"))
@@ -223,6 +230,9 @@ def _handler(hub: HubServer, role: str):
             self._send_file(f, commit, head, entry)
 
         def _send_file(self, f: _File, commit: str | None, head: bool, entry: dict):
+            if not head and f.path in hub._fail:
+                entry["status"] = hub._fail.pop(f.path)
+                return self._error(entry["status"], "Forbidden", "injected failure")
             data = hub._served_instead.get(f.path, f.data)
             size = len(data)
             start, end = 0, size - 1

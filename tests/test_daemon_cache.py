@@ -5,8 +5,6 @@ processes, and two real daemons)."""
 import json
 import multiprocessing as mp
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -36,7 +36,6 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hfc
     from huggingface_hub.utils import _detect_agent
 
     server = HubServer().start()
@@ -47,9 +46,8 @@ def hub(monkeypatch, tmp_path):
     for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                 "http_proxy", "https_proxy", "all_proxy", setup.REVISION_ENV):
         monkeypatch.delenv(var, raising=False)
-    # huggingface_hub read HF_ENDPOINT at import, possibly before this test; its user-agent code
-    # fetches an "agent harness" list from that endpoint once per process. Point both here.
-    monkeypatch.setattr(hfc, "ENDPOINT", server.endpoint)
+    # huggingface_hub's user-agent code fetches an "agent harness" list once per process from the
+    # HF_ENDPOINT it read at import, which may predate this test: give it the list up front.
     monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
     # and make sure: any connection or name lookup outside loopback is recorded and fails the test
     outside = []
@@ -243,6 +241,18 @@ def test_download_left_by_a_killed_process_resumes_where_it_stopped(hub, home):
     assert BIG in result.downloaded and setup.backend_state(home)["state"] == "ready"
     assert (home / "ace-step" / BIG).read_bytes() == (CHECKPOINT / BIG).read_bytes()
     assert not part.exists()
+
+
+def test_expired_cdn_address_is_renewed_and_server_errors_are_retried(hub, home):
+    hub.fail_next(BIG, 403)
+    hub.fail_next(VOCODER, 503)
+    assert setup.run_setup(home, REV_A, engine="none").state == "ready"
+    heads = [r for r in hub.requests if r["method"] == "HEAD" and r.get("file") == BIG]
+    assert len(heads) == 2  # a new signed address was asked for
+    assert [g["status"] for g in hub.gets(BIG)] == [403, 200]
+    assert [g["status"] for g in hub.gets(VOCODER)] == [503, 200]
+    for f in (BIG, VOCODER):
+        assert (home / "ace-step" / f).read_bytes() == (CHECKPOINT / f).read_bytes()
 
 
 # -- verification and repair -------------------------------------------------------------------

@@ -39,6 +39,12 @@ RPC_CODES = {
     MODEL_INFERENCE_FAILED: -32003,
     QUEUE_FULL: -32004,
     UNKNOWN_TRACK: -32005,
+    # raised by the methods other modules add (lofi_mlx/playback.py, lofi_mlx/setup.py)
+    "PLAYBACK_FAILED": -32006,
+    "NOT_ENOUGH_DISK": -32007,
+    "DOWNLOAD_FAILED": -32008,
+    "VERIFY_FAILED": -32009,
+    "SETUP_BUSY": -32010,
 }
 
 
@@ -192,6 +198,8 @@ def generate(d, params: dict, call: Call) -> dict:
     if priority not in PRIORITIES:
         raise bad_param("priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
     backend = d.backends.check_name(params.get("backend", d.backends.current))
+    if backend != "ace-step":  # the cache holds ACE-Step tracks only
+        d.backends.require_ready(backend)
     gp = GenerateParams(**{k: params[k] for k in _GEN_FIELDS if k in params}).validate()
     for k in _FLOAT_FIELDS + ["duration_sec"]:  # 15 and 15.0 are the same track
         setattr(gp, k, float(getattr(gp, k)))
@@ -215,7 +223,7 @@ def generate(d, params: dict, call: Call) -> dict:
 @method("cancel", {"track_id": ((str,), False)})
 def cancel(d, params: dict, call: Call) -> dict:
     tid = params.get("track_id")
-    running, pending = d.queue.snapshot()
+    running, _ = d.queue.snapshot()
     job = running if tid is None else d.queue.find(tid)
     if job is None:
         if tid is None or d.cache.lookup(tid) is not None:  # nothing running / already finished

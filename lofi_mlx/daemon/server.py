@@ -14,7 +14,6 @@ import os
 import threading
 import time
 
-from . import methods  # noqa: F401  (registers the method table)
 from .backends import Backends
 from .cache import TrackCache
 from .jobs import Estimator, Job, JobQueue, Worker, cancelled_payload
