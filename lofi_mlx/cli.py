@@ -83,9 +83,10 @@ def cmd_generate(args) -> int:
                             guidance_scale=args.guidance, scheduler=args.scheduler,
                             cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed)
     params.validate()
-    from .checkpoint import check_checkpoint
+    from .pipeline import check_model
     ckpt = args.checkpoint or default_checkpoint()
-    check_checkpoint(ckpt)  # refuse a missing or damaged model before any network loads
+    # refuse a missing or damaged model before any network loads
+    check_model(ckpt, "onnx" if args.engine == "onnx" else "mlx", args.precision)
     if not args.out.parent.is_dir():
         raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")
 

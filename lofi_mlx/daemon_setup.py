@@ -2,8 +2,8 @@
 
 dry_run: answers the plan at once (Plan.summary(): total_bytes, download_bytes, free_bytes,
 needed_bytes, enough_disk, files_to_download, files_changed, files_to_verify, convert, ... and
-the current state / state_detail), so the editor can show it and ask. Otherwise the setup starts on its own thread after the response and
-reports through notifications:
+the current state / state_detail), so the editor can show it and ask. Otherwise the setup
+starts on its own thread after the response and reports through notifications:
   download_progress {backend, stage: downloading|verifying|converting, file, bytes_done,
                      bytes_total, overall_percent}     at most 4 a second, plus each file's ends
   setup_complete    {backend, state: "ready", revision, downloaded, repaired, converted, removed,

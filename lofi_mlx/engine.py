@@ -60,13 +60,28 @@ class MLXEngine:
                   "dcae": ("dcae", ("decoder",)), "dcae_encoder": ("dcae", ("encoder",)),
                   "vocoder": ("vocoder", None)}
 
+    def converted(self, component: str) -> bool:
+        """A fresh MLX-native conversion (`lofi setup`) usable at this engine's precision:
+        the same precision, or fp16 widened to an fp32 run (exact)."""
+        try:
+            from convert.to_mlx import component_fresh, converted_precision
+        except ImportError:
+            return False
+        conv = converted_precision(self.checkpoint)
+        if conv is None or not (conv == self.precision or self.precision == "fp32"):
+            return False
+        return component_fresh(self.checkpoint, component, conv)
+
     def _load(self, stage: str):
-        if self.native_dir is not None:
+        comp, parts = self._COMPONENT[stage]
+        if self.native_dir is not None or self.converted(comp):
             from .checkpoint import read_config
             from .models.native import load_native
-            comp, parts = self._COMPONENT[stage]
-            return load_native(self.native_dir / f"{comp}.safetensors", comp,
-                               read_config(self.checkpoint, comp), parts, self.dtype)
+            folder = self.native_dir or self.checkpoint / "mlx"
+            # widen only (fp16 file, fp32 run); never narrow a module's fp32 islands
+            dtype = self.dtype if self.precision == "fp32" else None
+            return load_native(folder / f"{comp}.safetensors", comp,
+                               read_config(self.checkpoint, comp), parts, dtype)
         try:
             if stage == "text_encoder":
                 from .models import umt5

@@ -129,7 +129,7 @@ class Pipeline:
         from .sampler.noise import random_seed
 
         params.validate()
-        check_checkpoint(self.checkpoint)
+        check_model(self.checkpoint, self.engine.name, self.engine.precision)
         if params.seed is None:
             params.seed = random_seed()
         t0 = time.perf_counter()
@@ -156,6 +156,21 @@ class Pipeline:
             "device": self.engine.device, "precision": self.engine.precision,
             "params": params.to_dict(),
         }
+
+
+def check_model(root: str | Path, engine: str = "mlx", precision: str = "fp32") -> Path:
+    """A usable model: a fresh MLX-native conversion (MLX engine) or the original checkpoint.
+    Raises MODEL_NOT_FOUND / MODEL_LOAD_FAILED naming what is wrong, before anything loads."""
+    if engine == "mlx":
+        try:
+            from convert.to_mlx import conversion_fresh, converted_precision
+        except ImportError:
+            pass
+        else:
+            conv = converted_precision(root)
+            if conv and (conv == precision or precision == "fp32") and conversion_fresh(root, conv):
+                return Path(root)
+    return check_checkpoint(root)
 
 
 def _end(engine, stage: str) -> None:

@@ -86,8 +86,16 @@ def pinned_revision(revision: str | None = None) -> str:
 
 def hub_endpoint() -> str:
     """HF_ENDPOINT read now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return (os.environ.get("HF_ENDPOINT") or _hf().constants.ENDPOINT).rstrip("/")
+
+
+def _hf():
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise LofiError(DOWNLOAD_FAILED, "model setup needs huggingface_hub (1.0 or later): "
+                        "pip install 'lofi[setup]'") from e
+    return huggingface_hub
 
 
 def needed_file(rfilename: str) -> bool:
@@ -189,7 +197,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 def fetch_remote(revision: str | None = None, endpoint: str | None = None,
                  token: str | bool | None = None) -> Remote:
     """The needed files of the pinned revision, with the sizes and hashes the Hub reports."""
-    from huggingface_hub import HfApi
+    HfApi = _hf().HfApi
     requested = pinned_revision(revision)
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     try:
@@ -639,11 +647,10 @@ def run_setup(home: str | Path | None = None, revision: str | None = None, preci
         plan = plan_setup(home, revision, precision, engine, keep_original if plan is None
                           else plan.keep_original, remote=remote, free=free, token=token)
         if not plan.enough_disk:
+            conv = f", {human(plan.convert_bytes)} for the converted weights" if plan.convert_bytes else ""
             raise LofiError(NOT_ENOUGH_DISK, f"not enough free disk at {root}: setup needs "
-                            f"{human(plan.needed_bytes)} ({human(plan.download_bytes)} to download"
-                            + (f", {human(plan.convert_bytes)} for the converted weights" if plan.convert_bytes else "")
-                            + f"), {human(plan.free_bytes)} free. Nothing was downloaded.",
-                            data=plan.summary())
+                            f"{human(plan.needed_bytes)} ({human(plan.download_bytes)} to download{conv}), "
+                            f"{human(plan.free_bytes)} free. Nothing was downloaded.", data=plan.summary())
         status_path = _meta_dir(root) / "progress.json"
         progress = Progress(on_progress, status_path)
         try:
@@ -732,8 +739,10 @@ def _run(plan: Plan, progress: Progress, notice, notices, cancel, token) -> Setu
     _save_state(root, state)
 
     converted, removed = [], []
-    if plan.engine == "mlx" and plan.convert_components:
-        from convert.to_mlx import convert_checkpoint
+    if plan.engine == "mlx":
+        from convert.to_mlx import convert_checkpoint, read_manifest
+    if plan.engine == "mlx" and (plan.convert_components or read_manifest(root)):
+        # with nothing stale this only records the new revision in the manifest
         comps = plan.convert_components
         done_bytes = {}
 

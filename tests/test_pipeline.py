@@ -41,6 +41,15 @@ def test_lazy_stages_are_dropped_and_progress_is_ordered(tmp_path):
     assert sf.info(str(tmp_path / "a.wav")).frames == 240000
 
 
+def test_seed_decides_the_latents():
+    pipe = make(keep=True)
+    a = pipe.latents(GenerateParams("lofi", 5.0, infer_steps=3, seed=1))
+    b = pipe.latents(GenerateParams("lofi", 5.0, infer_steps=3, seed=1))
+    c = pipe.latents(GenerateParams("lofi", 5.0, infer_steps=3, seed=2))
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 0.1 * np.abs(a).mean()
+
+
 def test_keep_loaded_keeps_everything():
     pipe = make(keep=True)
     pipe.latents(GenerateParams("lofi", 5.0, infer_steps=2, seed=1))

@@ -168,22 +168,14 @@ def test_generate_with_converted_weights_equals_original_at_fp32(hub, home, monk
 
     ref = Pipeline(CHECKPOINT, MLXEngine(CHECKPOINT, "fp32", "cpu")).generate(params(), tmp_path / "a.wav")
 
-    class ConvertedEngine(MLXEngine):
-        def _load(self, stage):
-            comp, parts = {"dcae": ("dcae", ("decoder",)),
-                           "dcae_encoder": ("dcae", ("encoder",))}.get(stage, (stage, None))
-            model = to_mlx.load_converted(self.checkpoint, comp, self.precision, parts=parts)
-            assert model is not None, f"no fresh conversion of {comp}"
-            return model
-
     def refuse(*a, **k):
         raise AssertionError("loaded the original weights")
 
     for mod in (umt5, dit, dcae, vocoder):
         monkeypatch.setattr(mod, "load", refuse)
-    # the pipeline's up-front check wants the original files; the converted ones stand in for them
-    monkeypatch.setattr("lofi_mlx.pipeline.check_checkpoint", lambda root: root)
-    out = Pipeline(root, ConvertedEngine(root, "fp32", "cpu")).generate(params(), tmp_path / "b.wav")
+    engine = MLXEngine(root, "fp32", "cpu")
+    assert all(engine.converted(c) for c in COMPONENTS)
+    out = Pipeline(root, engine).generate(params(), tmp_path / "b.wav")
     a, _ = sf.read(ref["path"], dtype="float32")
     b, _ = sf.read(out["path"], dtype="float32")
     assert a.shape == b.shape and np.array_equal(a, b)
@@ -401,6 +393,12 @@ def test_conversion_from_an_older_revision_is_detected_and_redone(hub, home):
     w = to_mlx.converted_weights(home, "vocoder", "fp16")
     assert w and all(str(v.dtype) == "mlx.core.float16" for v in w.values())
 
+    # a revision whose files are all the same: nothing converted, the manifest names it
+    hub.add_folder("c3" * 20, CHECKPOINT, changes={VOCODER: changed_vocoder()})
+    same = setup.run_setup(home, "c3" * 20, precision="fp16")
+    assert same.converted == [] and same.downloaded == []
+    assert json.loads((root / "mlx" / "manifest.json").read_text())["revision"] == "c3" * 20
+
     # asking for fp32 makes every component stale
     assert setup.plan_setup(home, REV_B, precision="fp32").convert_components == list(COMPONENTS)
 
@@ -553,5 +551,5 @@ def test_hf_token_goes_to_the_hub_and_never_to_the_cdn(hub, home, monkeypatch):
     hub_reqs = [r for r in hub.requests if r["server"] == "hub"]
     cdn_reqs = [r for r in hub.requests if r["server"] == "cdn"]
     assert hub_reqs and cdn_reqs
-    assert all(r["auth"] == "Bearer hf_loopback_test_token" for r in hub_reqs), [(r["method"], r["path"], r["auth"]) for r in hub_reqs]
+    assert all(r["auth"] == "Bearer hf_loopback_test_token" for r in hub_reqs), hub_reqs
     assert all(r["auth"] is None for r in cdn_reqs)
