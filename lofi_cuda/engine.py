@@ -186,6 +186,10 @@ class ONNXEngine:
     # -- running ---------------------------------------------------------------------------
     def _run(self, stage: str, graph: str, feeds: dict, what: str, constant: tuple = ()) -> list:
         sess = self._session(stage, graph)
+        # an input the graph never reads is dropped by the exporter (e.g. q_scale in a DiT
+        # shallower than the ERG blocks), so feed only what the session declares
+        names = {i.name for i in sess.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
         try:
             if self.device == "cuda":
                 outs = self._run_bound(sess, feeds, constant)

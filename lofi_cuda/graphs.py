@@ -11,6 +11,7 @@ mtime, or else the same sha256). No ML framework is imported here.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -131,7 +132,10 @@ def ensure_graphs(checkpoint: str | Path, precision: str, log=print) -> Path:
     if folder is not None:
         return folder
     target = cache_dir(checkpoint, precision)
+    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
     try:
+        if missing:
+            raise ImportError(f"{' and '.join(missing)} not installed")
         from convert.to_onnx import export_all
     except ImportError as e:
         raise LofiError(MODEL_LOAD_FAILED,

@@ -36,80 +36,56 @@ def _rss_now_bytes() -> int:
         return _rss_peak_bytes()
 
 
-def one_run(engine, ckpt: Path, params: GenerateParams, out_dir: Path) -> dict:
-    """One generation with every stage timed separately (the pipeline's order and policy)."""
-    from .audio import finalize, frames_for_duration, resample, write_audio
-    from .pipeline import _end, sampler_params
-    from .sampler.loop import build_conditions, sample
-    from .sampler.noise import SeededNoise
+def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
+    """One generation through the real pipeline; stages timed from its progress reports, network
+    loads from the engine's own counters, and the daemon's ETA estimator followed step by step."""
+    from .daemon.jobs import Job, ProgressTracker
 
-    t = {}
-    mark = time.perf_counter
+    engine = pipeline.engine
+    engine.load_times.clear()
+    job = Job("bench", params, "normal", "ace-step", engine.name, engine.precision, 0)
+    tracker = ProgressTracker(job, estimator, send=lambda *a: None, clock=time.monotonic)
+    events = []  # (time, stage, step, eta)
 
-    def timed(name, fn, *a, **k):
-        t0 = mark()
-        r = fn(*a, **k)
-        t[name] = mark() - t0
-        return r
+    def progress(stage, step, total, fraction):
+        tracker(stage, step, total, fraction)
+        events.append((time.monotonic(), stage, step, job.eta_sec))
 
-    start = mark()
-    tok = ckpt / "umt5-base" / "tokenizer.json"
-    if tok.is_file():
-        from .text import PromptTokenizer
-        ids, mask = PromptTokenizer(tok).encode([params.prompt])
-    else:  # synthetic checkpoints carry no tokenizer: a prompt-sized run of ids
-        ids = np.concatenate([np.arange(2, 25), [1]])[None].astype(np.int64)
-        mask = np.ones_like(ids)
-    timed("load.text_encoder", engine.load, "text_encoder")
-    text = timed("text_encoding", engine.encode_text, ids, mask)
-    t0 = mark()
-    null = engine.encode_text(ids, mask, erg=True)
-    t["text_encoding"] += mark() - t0
-    _end(engine, "text_encoder")
+    if hasattr(engine, "reset_peak"):
+        engine.reset_peak()
+    job.started = start = time.monotonic()
+    info = pipeline.generate(params, out_dir / "bench.wav", progress=progress)
+    end = time.monotonic()
+    estimator.learn(params, *tracker.timings(end))
 
-    sp = sampler_params(params)
-    noise = SeededNoise(params.seed or 0)
-    frames = frames_for_duration(params.duration_sec)
-    x0 = noise.randn((1, 8, 16, frames))
-    timed("load.transformer", engine.load, "transformer")
-    lyr = np.zeros((1, 1), np.int64)
-    conds = timed("conditions", build_conditions, engine, text, null, mask, lyr, lyr, sp)
+    firsts = {}
+    for t, stage, _, _ in events:
+        firsts.setdefault(stage, t)
+    order = [st for st in ("text_encoding", "diffusion", "dcae_decode", "vocoder", "writing")
+             if st in firsts]
+    bounds = [firsts[st] for st in order] + [end]
+    loads = dict(engine.load_times)
+    owner = {"text_encoder": "text_encoding", "transformer": "diffusion", "dcae": "dcae_decode",
+             "vocoder": "vocoder"}
+    t = {f"load.{k}": v for k, v in loads.items()}
+    for st, a, b in zip(order, bounds, bounds[1:]):
+        t[st] = b - a - sum(v for k, v in loads.items() if owner.get(k) == st)
+    t.pop("writing", None)
+    t["resample"] = info["timings"]["resample_sec"]
+    t["write"] = info["timings"]["write_sec"]
+    diff = [(tt, step) for tt, stage, step, _ in events if stage == "diffusion"]
+    from .sampler.guidance import guidance_window
+    lo, hi = guidance_window(params.infer_steps, params.guidance_interval)
+    guided = params.guidance_scale not in (0.0, 1.0)
     steps = []
-    last = [mark()]
-
-    def on_step(i, total, info=None):
-        now = mark()
-        steps.append({"step": i + 1, "sec": now - last[0], "guided": bool((info or {}).get("guided")),
-                      "at": now})
-        last[0] = now
-
-    t0 = mark()
-    last[0] = t0
-    lat = sample(engine, conds, x0, sp, noise, on_step=on_step)
-    t["diffusion"] = mark() - t0
-    _end(engine, "transformer")
-    timed("load.dcae", engine.load, "dcae")
-    mel = timed("dcae_decode", engine.dcae_decode, lat)
-    _end(engine, "dcae")
-    timed("load.vocoder", engine.load, "vocoder")
-    wave = timed("vocoder", engine.vocode, mel)[0]
-    _end(engine, "vocoder")
-    w48 = timed("resample", resample, wave, 44100, 48000)
-    out = finalize(w48, params.duration_sec)
-    timed("write", write_audio, out_dir / "bench.wav", out)
-    end = mark()
-    total = end - start
-    # how far a step-time-based ETA (what the daemon reports) was from the truth at each step
-    eta = []
-    for k, s in enumerate(steps):
-        done = steps[: k + 1]
-        mean = sum(x["sec"] for x in done) / len(done)
-        est_diff = mean * (len(steps) - len(done))
-        true_rem = end - s["at"]
-        eta.append({"step": s["step"], "estimate_diffusion_only_sec": est_diff,
-                    "true_remaining_sec": true_rem})
-    return {"timings": t, "steps": steps, "total_sec": total,
-            "rtf": params.duration_sec / total, "eta": eta,
+    for (t0, _), (t1, step) in zip(diff, diff[1:]):  # evaluation k is guided iff lo <= k < hi
+        steps.append({"step": step, "sec": t1 - t0, "guided": guided and lo <= step - 1 < hi})
+    if steps:  # the first interval also holds the DiT's load and the conditions
+        steps[0]["sec"] -= loads.get("transformer", 0.0)
+    eta = [{"step": step, "eta_sec": e, "true_remaining_sec": end - tt}
+           for tt, stage, step, e in events if stage == "diffusion" and step]
+    return {"timings": t, "steps": steps, "total_sec": end - start,
+            "rtf": params.duration_sec / (end - start), "eta": eta,
             "engine_memory": engine.memory(), "rss_now": _rss_now_bytes()}
 
 
@@ -117,7 +93,7 @@ def summarise(runs: list[dict], params, meta) -> dict:
     def agg(vals):
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
-    keys = list(runs[0]["timings"])
+    keys = [k for k in runs[0]["timings"] if all(k in r["timings"] for r in runs)]
     per_step = [s["sec"] for r in runs for s in r["steps"]]
     guided = [s["sec"] for r in runs for s in r["steps"] if s["guided"]]
     plain = [s["sec"] for r in runs for s in r["steps"] if not s["guided"]]
@@ -158,10 +134,11 @@ def print_table(res: dict, out=sys.stdout) -> None:
     print(f"peak process memory: {res['peak_rss_bytes'] / 2**20:.0f} MiB; "
           f"peak engine memory: {res['engine_peak_bytes'] / 2**20:.0f} MiB", file=out)
     last = res["runs"][-1]
-    errs = [abs(e["estimate_diffusion_only_sec"] + res["stages_post_estimate"] - e["true_remaining_sec"])
-            / max(e["true_remaining_sec"], 1e-9) for e in last["eta"]]
-    print("ETA error by step (last run, |est - true| / true): "
-          + " ".join(f"{x * 100:.0f}%" for x in errs), file=out)
+    errs = [("-" if e["eta_sec"] is None else
+             f"{abs(e['eta_sec'] - e['true_remaining_sec']) / max(e['true_remaining_sec'], 1e-9) * 100:.0f}%")
+            for e in last["eta"]]
+    print("ETA error by step (last run, |eta - true remaining| / true remaining): " + " ".join(errs),
+          file=out)
 
 
 def machine() -> str:
@@ -200,9 +177,7 @@ def main(argv=None, engine_default="mlx") -> int:
     args = build_parser(engine_default).parse_args(argv)
     params = GenerateParams("lofi hip hop, jazzy piano, vinyl crackle", args.duration,
                             infer_steps=args.steps, scheduler=args.scheduler, cfg_type=args.cfg_type,
-                            seed=1234).validate() if args.duration >= 5 else \
-        GenerateParams("lofi", 5.0, infer_steps=args.steps, seed=1234)
-    params.duration_sec = args.duration  # sub-5 s runs are allowed here for quick smoke tests
+                            seed=1234).validate()
     native = None
     if args.synthetic:
         from .synthetic import make_synthetic
@@ -226,18 +201,19 @@ def main(argv=None, engine_default="mlx") -> int:
             "runs": args.runs, "warmup": args.warmup, "machine": machine(),
             "date": time.strftime("%Y-%m-%d"), "command": "python -m lofi_mlx.bench "
             + " ".join(argv if argv is not None else sys.argv[1:])}
+    from .daemon.jobs import Estimator
+    from .pipeline import Pipeline
+    pipeline = Pipeline(ckpt, engine)
+    estimator = Estimator()  # learns across runs, as the daemon's does across jobs
     runs = []
     with tempfile.TemporaryDirectory() as td:
         for i in range(args.warmup + args.runs):
-            r = one_run(engine, ckpt, params, Path(td))
+            r = one_run(pipeline, params, Path(td), estimator)
             if i >= args.warmup:
                 runs.append(r)
             print(f"run {i + 1}/{args.warmup + args.runs}: {r['total_sec']:.2f} s "
                   f"({'warm-up' if i < args.warmup else 'timed'})", file=sys.stderr)
     res = summarise(runs, params, meta)
-    post = sum(res["stages"][k]["median"] for k in ("load.dcae", "dcae_decode", "load.vocoder",
-                                                   "vocoder", "resample", "write"))
-    res["stages_post_estimate"] = post
     if args.json:
         print(json.dumps(res, indent=1, default=float))
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class MLXEngine:
             self.device = "gpu"
         self.blas = BLAS
         self._models: dict = {}
+        self.load_times: dict[str, float] = {}  # seconds spent loading, per stage (benchmarks)
         self._lock = threading.RLock()
 
     # -- memory policy ---------------------------------------------------------------------
@@ -53,7 +55,9 @@ class MLXEngine:
     def _get(self, stage: str):
         with self._lock:
             if stage not in self._models:
+                t0 = time.perf_counter()
                 self._models[stage] = self._load(stage)
+                self.load_times[stage] = self.load_times.get(stage, 0.0) + time.perf_counter() - t0
             return self._models[stage]
 
     _COMPONENT = {"text_encoder": ("text_encoder", None), "transformer": ("transformer", None),
@@ -122,6 +126,9 @@ class MLXEngine:
 
     def loaded(self) -> list[str]:
         return list(self._models)
+
+    def reset_peak(self) -> None:
+        mx.reset_peak_memory()
 
     def memory(self) -> dict:
         return {"active": int(mx.get_active_memory()), "peak": int(mx.get_peak_memory()),

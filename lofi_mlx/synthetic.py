@@ -102,8 +102,27 @@ def make_synthetic(out: str | Path, size: str, precision: str = "fp32", seed: in
         _randomise(model, DTYPES[precision])
         save_native(model, out / "mlx" / f"{comp}.safetensors")
         del model
+    write_tokenizer(out / COMPONENTS["text_encoder"] / "tokenizer.json")
     done.write_text(json.dumps({"size": size, "precision": precision}))
     return out
+
+
+def write_tokenizer(path: Path) -> None:
+    """A small SentencePiece-style (Unigram + Metaspace) tokenizer appending </s>, like UMT5's.
+    Benchmarks only need plausible token counts, not the real 256k vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-'"]
+    pieces += [("\u2581" + c, -2.5) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces += [(w, -1.0) for w in ("\u2581lofi", "\u2581hip", "\u2581hop", "\u2581jazz", "y",
+                                   "\u2581piano", "\u2581vinyl", "\u2581crackle", "\u2581chill")]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
 
 
 def _randomise(model, dtype) -> None:

@@ -27,6 +27,9 @@ def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype: torch.d
                 keep_fp32: tuple[str, ...] = ()) -> nn.Module:
     """Load mapped weights; a missing, unexpected or mis-shaped key is an error.
 
+    Build `model` under `with torch.device("meta")` to skip allocating and initialising its
+    parameters (the full DiT would take 10 GB for nothing); `meta_init` does that.
+
     Parameters whose name contains one of `keep_fp32` stay fp32 in every precision.
     """
     params = dict(model.named_parameters())
@@ -39,16 +42,24 @@ def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype: torch.d
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         raise LofiError(MODEL_LOAD_FAILED, f"{source}: weights do not match the model: " + "; ".join(parts))
-    with torch.no_grad():
-        for k, p in params.items():
-            w = weights[k]
-            if tuple(w.shape) != tuple(p.shape):
-                raise LofiError(MODEL_LOAD_FAILED,
-                                f"{source}: {k} has shape {list(w.shape)}, the model expects {list(p.shape)}")
-            dt = torch.float32 if any(s in k for s in keep_fp32) else dtype
-            p.data = torch.from_numpy(np.array(w, dtype=np.float32)).to(dt)
-            p.requires_grad_(False)
+    state = {}
+    for k, p in params.items():
+        w = weights[k]
+        if tuple(w.shape) != tuple(p.shape):
+            raise LofiError(MODEL_LOAD_FAILED,
+                            f"{source}: {k} has shape {list(w.shape)}, the model expects {list(p.shape)}")
+        dt = torch.float32 if any(s in k for s in keep_fp32) else dtype
+        state[k] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dt)
+    # assign=True: the module may be built on the meta device (no memory for random init)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
     return model.eval()
+
+
+def meta_init(cls, *args):
+    """Construct a module without materialising its parameters (load_strict assigns them)."""
+    with torch.device("meta"):
+        return cls(*args)
 
 
 def rms_norm(x: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:

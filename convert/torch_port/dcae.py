@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from lofi_mlx.checkpoint import component_dir, load_component
 from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
 
-from .common import drop_keys, load_strict, rms_norm, run_dtype
+from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 
 SCALE_FACTOR = 0.1786
 SHIFT_FACTOR = -1.9091
@@ -329,7 +329,7 @@ def sanitize(weights: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]
 def from_weights(cfg_dict: dict, raw: dict[str, np.ndarray], part: str, precision: str = "fp32",
                  source: str = "music_dcae_f8c8") -> nn.Module:
     cfg = DCAEConfig.from_dict(cfg_dict)
-    model = DCAEDecode(cfg) if part == "decoder" else DCAEEncode(cfg)
+    model = meta_init(DCAEDecode if part == "decoder" else DCAEEncode, cfg)
     return load_strict(model, sanitize(raw, part), run_dtype(precision), source)
 
 

@@ -28,7 +28,7 @@ from lofi_cuda.tables import TIME_CHANNELS, time_frequencies
 from lofi_mlx.checkpoint import component_dir, load_component
 from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
 
-from .common import drop_keys, load_strict, rms_norm, run_dtype
+from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 from .lyric_encoder import LyricEncoder, LyricEncoderConfig
 
 ERG_BLOCKS = frozenset(range(15, 20))
@@ -365,7 +365,7 @@ class DiTDecode(nn.Module):
 
 def from_weights(cfg_dict: dict, raw: dict[str, np.ndarray], precision: str = "fp32",
                  source: str = "ace_step_transformer") -> ACEStepDiT:
-    model = ACEStepDiT(DiTConfig.from_dict(cfg_dict), LyricEncoderConfig.from_weights(raw))
+    model = meta_init(ACEStepDiT, DiTConfig.from_dict(cfg_dict), LyricEncoderConfig.from_weights(raw))
     return load_strict(model, model.sanitize(raw), run_dtype(precision), source)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from lofi_mlx.checkpoint import component_dir, load_component
 from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
 
-from .common import drop_keys, load_strict, rms_norm, run_dtype
+from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 
 ERG_TAU = 0.01
 ERG_LAYERS = (8, 10)  # half-open: blocks 8 and 9
@@ -174,6 +174,6 @@ def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def load(checkpoint_root: str | Path, precision: str = "fp32") -> UMT5Encoder:
     dtype = run_dtype(precision)
     cfg_dict, raw = load_component(checkpoint_root, "text_encoder")
-    model = UMT5Encoder(UMT5Config.from_dict(cfg_dict))
+    model = meta_init(UMT5Encoder, UMT5Config.from_dict(cfg_dict))
     return load_strict(model, sanitize(raw), dtype, str(component_dir(checkpoint_root, "text_encoder")),
                        keep_fp32=(".ff.wo.",))

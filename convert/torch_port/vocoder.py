@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from lofi_mlx.checkpoint import component_dir, load_component
 from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
 
-from .common import drop_keys, fold_weight_norm, layer_norm, load_strict, run_dtype
+from .common import drop_keys, fold_weight_norm, layer_norm, load_strict, meta_init, run_dtype
 
 
 @dataclass
@@ -247,7 +247,7 @@ def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def from_weights(cfg_dict: dict, raw: dict[str, np.ndarray], precision: str = "fp32",
                  source: str = "music_vocoder") -> Vocoder:
-    return load_strict(Vocoder(VocoderConfig.from_dict(cfg_dict)), sanitize(raw), run_dtype(precision), source)
+    return load_strict(meta_init(Vocoder, VocoderConfig.from_dict(cfg_dict)), sanitize(raw), run_dtype(precision), source)
 
 
 def load(checkpoint_root: str | Path, precision: str = "fp32") -> Vocoder:

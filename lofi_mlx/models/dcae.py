@@ -19,7 +19,7 @@ import numpy as np
 from ..checkpoint import component_dir, load_component
 from ..errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from ..mlxrt import mx, nn
-from .common import DTYPES, drop_keys, load_strict, rms_norm
+from .common import DTYPES, drop_keys, load_strict, rms_norm, silu
 
 # ACE-Step's own latent and mel constants (music_dcae_pipeline.py); config's scaling_factor
 # is not used.
@@ -199,7 +199,7 @@ class ResBlock(nn.Module):
         self.norm = RMSNormC(channels)
 
     def __call__(self, x):
-        return x + self.norm(self.conv2(nn.silu(self.conv1(x))))
+        return x + self.norm(self.conv2(silu(self.conv1(x))))
 
 
 def _shifted_sum(xp, w):
@@ -327,9 +327,9 @@ class GLUMBConv(nn.Module):
         self.norm = RMSNormC(channels)
 
     def __call__(self, x):
-        h = self.conv_depth(nn.silu(self.conv_inverted(x)))
+        h = self.conv_depth(silu(self.conv_inverted(x)))
         a, g = mx.split(h, 2, axis=-1)
-        return x + self.norm(self.conv_point(a * nn.silu(g)))
+        return x + self.norm(self.conv_point(a * silu(g)))
 
 
 class EfficientViTBlock(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache, wraps
+from functools import lru_cache, partial, wraps
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from ..checkpoint import component_dir, load_component
 from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
 from ..mlxrt import mx, nn
-from .common import DTYPES, drop_keys, load_strict, rms_norm
+from .common import DTYPES, drop_keys, exp_f32, fused, load_strict, rms_norm, silu_f32
 from .lyric_encoder import LyricEncoder, LyricEncoderConfig
 
 ERG_BLOCKS = frozenset(range(15, 20))  # `use_erg_diffusion` scales to_q of these blocks
@@ -215,6 +215,16 @@ class LinearAttention(nn.Module):
         return mx.clip(self.to_out[0](o), -CLIP, CLIP)
 
 
+@fused
+def _masked_softmax_cpu(s, keep):
+    """Softmax over keys where `keep`, fp32, with the polynomial exp: MLX's CPU SDPA is plain ops
+    whose scalar exp made it ~2x slower (measured). A row with no key gives NaN (as the
+    reference); the caller replaces it."""
+    s = mx.where(keep, s.astype(mx.float32), -mx.inf)
+    e = mx.where(keep, exp_f32(s - mx.max(s, axis=-1, keepdims=True)), 0.0)
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
 class CrossAttention(nn.Module):
     """Softmax attention from latent frames to the context, RoPE on q (frames) and k (context)."""
 
@@ -239,22 +249,40 @@ class CrossAttention(nn.Module):
         H, d = self.heads, self.head_dim
         q = apply_rope(_scale_rows(self.to_q(x), q_scale).reshape(B, T, H, d), cos, sin)
         k, v = kv
-        o = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v,
-                                                 scale=1.0 / math.sqrt(d), mask=key_mask)
+        q = q.transpose(0, 2, 1, 3)
+        if mx.default_device().type == mx.DeviceType.cpu:
+            w = _masked_softmax_cpu((q * (1.0 / math.sqrt(d))) @ k.swapaxes(-1, -2), key_mask)
+            o = (w.astype(v.dtype) @ v)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), mask=key_mask)
         if has_key is not None:  # a row with every key masked is NaN in the reference; give 0
             o = mx.where(has_key, o, 0.0)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, T, D))
 
 
-@gpu_compiled
-def conv3_glu(u, w, b):
-    """SiLU, depthwise Conv1d k=3 (zero padding) along time as three shifted multiply-adds
-    (tap k multiplies u[t-1+k]), then value * SiLU(gate) over the two channel halves."""
-    u = nn.silu(u)
+def _conv3_glu(u, w, b, act=nn.silu):
+    """act, depthwise Conv1d k=3 (zero padding) along time as three shifted multiply-adds
+    (tap k multiplies u[t-1+k]), then value * act(gate) over the two channel halves."""
+    u = act(u)
     p = mx.pad(u, [(0, 0), (1, 1), (0, 0)])
     y = p[:, :-2] * w[0] + p[:, 1:-1] * w[1] + p[:, 2:] * w[2] + b
     a, g = mx.split(y, 2, axis=-1)
-    return a * nn.silu(g)
+    return a * act(g)
+
+
+# One fused kernel on either device; on the CPU with the polynomial SiLU, since MLX's exp is a
+# scalar call per element there (this op was ~15% of a DiT layer on the CPU before).
+_conv3_glu_gpu = fused(_conv3_glu)
+_conv3_glu_cpu = fused(partial(_conv3_glu, act=silu_f32))
+
+
+@wraps(_conv3_glu)
+def conv3_glu(u, w, b):
+    """SiLU -> depthwise conv k=3 -> GLU with SiLU gate, `[B, T, 2F] -> [B, T, F]`."""
+    return (_conv3_glu_cpu if mx.default_device().type == mx.DeviceType.cpu else _conv3_glu_gpu)(u, w, b)
+
+
+conv3_glu.compiled = _conv3_glu_cpu
 
 
 class DepthwiseConv3(nn.Module):

@@ -26,7 +26,7 @@ import numpy as np
 from ..checkpoint import component_dir, load_component
 from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
 from ..mlxrt import mx, nn
-from .common import DTYPES, drop_keys, fold_weight_norm, layer_norm, load_strict
+from .common import DTYPES, drop_keys, fold_weight_norm, gelu, layer_norm, load_strict, silu
 
 F32 = mx.float32
 
@@ -227,7 +227,7 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = mx.ones((dims,))
 
     def __call__(self, x):
-        h = self.pwconv2(nn.gelu(self.pwconv1(self.norm(self.dwconv(x)))))  # exact erf GELU
+        h = self.pwconv2(gelu(self.pwconv1(self.norm(self.dwconv(x)))))  # exact erf GELU
         return x + _to(self.gamma, F32) * h
 
 
@@ -272,7 +272,7 @@ class ResBlock(nn.Module):
 
     def __call__(self, x):
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(nn.silu(c1(nn.silu(x))))
+            x = x + c2(silu(c1(silu(x))))
         return x
 
 
@@ -296,7 +296,7 @@ class Head(nn.Module):
             taps["head.conv_pre"] = x
         n = len(self.resblocks) // len(self.ups)
         for u, up in enumerate(self.ups):
-            x = up(nn.silu(x))
+            x = up(silu(x))
             if taps is not None:
                 taps[f"head.ups.{u}"] = x
             blocks = self.resblocks[u * n:(u + 1) * n]
@@ -304,7 +304,7 @@ class Head(nn.Module):
             for rb in blocks[1:]:
                 acc = acc + rb(x)
             x = acc / n
-        return mx.tanh(self.conv_post(nn.silu(x)))
+        return mx.tanh(self.conv_post(silu(x)))
 
 
 class Vocoder(nn.Module):

@@ -1,0 +1,225 @@
+"""Compare the MLX and ONNX Runtime engines on this machine at a mid-size synthetic model.
+
+    python benchmarks/compare_engines.py [--seconds 6] [--steps 8] [--dit-layers 2] [--json OUT]
+
+"Mid-size": the real ACE-Step v1 widths and head counts (DiT 2560 wide, 20 heads of 128; UMT5
+768 / 12 heads; Conformer 1024 / 16 heads; DCAE channels 128-1024; the real vocoder head) with
+a few layers, and random weights. The UMT5 vocabulary is the tiny fixture tokenizer's (320
+ids) to keep the files small; it does not change the cost of a step. A synthetic checkpoint in
+the Hugging Face layout (config.json + fp16 safetensors) is written to a temporary folder (or
+--checkpoint), both engines load it through their normal paths, and the same job runs on each:
+text encoding, sampling with the shared sampler (Euler + APG, guided steps batched [cond; null]),
+DCAE decode and vocoder, like the daemon's pipeline. Reported per engine: seconds per guided
+DiT step (one batch-2 velocity call) and the end-to-end real-time factor (wall time / audio
+seconds; < 1 is faster than real time). Needs mlx, onnxruntime and the `export` extra (torch,
+onnx) for the one-time ONNX export, which is timed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY = ROOT / "tests" / "fixtures" / "ace_step_tiny" / "checkpoint"
+
+
+def configs(dit_layers: int, text_layers: int, lyric_blocks: int) -> dict:
+    """Real v1 configs with fewer layers (spec §1.2)."""
+    dit = {"_class_name": "ACEStepTransformer2DModel", "in_channels": 8, "out_channels": 8,
+           "num_layers": dit_layers, "inner_dim": 2560, "attention_head_dim": 128, "num_attention_heads": 20,
+           "mlp_ratio": 2.5, "max_position": 32768, "rope_theta": 1e6, "speaker_embedding_dim": 512,
+           "text_embedding_dim": 768, "lyric_encoder_vocab_size": 6693, "lyric_hidden_size": 1024,
+           "patch_size": [16, 1], "max_height": 16, "max_width": 32768,
+           "ssl_encoder_depths": [8, 8], "ssl_latent_dims": [1024, 768], "ssl_names": ["mert", "m-hubert"]}
+    umt5 = json.loads((TINY / "umt5-base" / "config.json").read_text())
+    umt5.update({"d_model": 768, "d_kv": 64, "num_heads": 12, "d_ff": 2048, "num_layers": text_layers})
+    dcae = json.loads((TINY / "music_dcae_f8c8" / "config.json").read_text())
+    dcae.update({"attention_head_dim": 32, "encoder_block_out_channels": [128, 256, 512, 1024],
+                 "decoder_block_out_channels": [128, 256, 512, 1024], "encoder_layers_per_block": [1, 1, 1, 1],
+                 "decoder_layers_per_block": [1, 1, 1, 1]})
+    voc = json.loads((TINY / "music_vocoder" / "config.json").read_text())
+    voc.update({"depths": [1, 1, 1, 1], "dims": [128, 256, 384, 512], "num_mels": 512,
+                "upsample_initial_channel": 1024, "resblock_kernel_sizes": [3, 7, 11, 13],
+                "resblock_dilation_sizes": [[1, 3, 5]] * 4})
+    return {"transformer": dit, "text_encoder": umt5, "dcae": dcae, "vocoder": voc,
+            "lyric_blocks": lyric_blocks}
+
+
+def _init(name: str, shape: tuple, rng) -> np.ndarray:
+    """Random weights that keep activations finite: N(0, 1/fan_in) matrices, unit norm weights."""
+    if len(shape) == 1:
+        return (np.ones if "norm" in name or name.endswith("gamma") else np.zeros)(shape, np.float32)
+    if "scale_shift_table" in name or "pos_bias" in name:
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith(("embed_tokens.weight", "lyric_embs.weight", "relative_attention_bias.weight")):
+        return rng.standard_normal(shape).astype(np.float32)
+    fan_in = int(np.prod(shape[1:]))
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+
+def _to_checkpoint_keys(component: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Port parameter names/layouts -> Hugging Face checkpoint keys (inverse of the sanitizers)."""
+    out = {}
+    for k, v in params.items():
+        if component == "text_encoder":
+            k = "shared.weight" if k == "embed_tokens.weight" else "encoder." + k
+            k = (k.replace("blocks.", "block.").replace(".attn_norm.", ".layer.0.layer_norm.")
+                 .replace(".attn.", ".layer.0.SelfAttention.").replace(".ff_norm.", ".layer.1.layer_norm.")
+                 .replace(".ff.", ".layer.1.DenseReluDense.").replace("final_norm.", "final_layer_norm."))
+        elif component == "transformer":
+            if k == "proj_in.early_conv_layers.0.weight":
+                v = v.reshape(v.shape[0], 8, 16, 1)
+            elif k == "proj_in.early_conv_layers.2.weight":
+                v = v.reshape(*v.shape, 1, 1)
+            elif k.startswith("t_block."):
+                k = "t_block.1." + k[len("t_block."):]
+            elif ".ff.depth_conv." in k:
+                k = k.replace(".depth_conv.", ".depth_conv.conv.")
+                v = v.T[:, None, :] if v.ndim == 2 else v
+            elif ".ff.inverted_conv." in k or ".ff.point_conv." in k:
+                k = k.replace("_conv.", "_conv.conv.")
+                v = v[..., None] if v.ndim == 2 else v
+        elif component == "vocoder":
+            if k.startswith("backbone.channel_layers.") and not k.startswith("backbone.channel_layers.0.") \
+                    and v.ndim == 2:
+                v = v[..., None]
+        out[k] = v
+    return out
+
+
+def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> Path:
+    """Config files + random fp16 safetensors for the four components, tokenizer from the fixture."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder
+
+    rng = np.random.default_rng(seed)
+    d = cfg["transformer"]
+    lc = lyric_encoder.LyricEncoderConfig(width=1024, input_size=1024, heads=16, ff=4096, blocks=cfg["lyric_blocks"])
+    with torch.device("meta"):  # shapes only
+        modules = {
+            "transformer": dit.ACEStepDiT(dit.DiTConfig.from_dict(d), lc),
+            "text_encoder": umt5.UMT5Encoder(umt5.UMT5Config.from_dict(cfg["text_encoder"])),
+            "dcae": torch.nn.ModuleDict({
+                "d": dcae.DCAEDecode(dcae.DCAEConfig.from_dict(cfg["dcae"])),
+                "e": dcae.DCAEEncode(dcae.DCAEConfig.from_dict(cfg["dcae"]))}),
+            "vocoder": vocoder.Vocoder(vocoder.VocoderConfig.from_dict(cfg["vocoder"])),
+        }
+    from lofi_mlx.checkpoint import COMPONENTS
+    for comp, module in modules.items():
+        sub = folder / COMPONENTS[comp]
+        sub.mkdir(parents=True, exist_ok=True)
+        names = {n.split(".", 1)[1] if comp == "dcae" else n: tuple(p.shape) for n, p in module.named_parameters()}
+        params = {n: _init(n, s, rng) for n, s in names.items()}
+        tensors = {k: v.astype(np.float16) for k, v in _to_checkpoint_keys(comp, params).items()}
+        fname = "model.safetensors" if comp == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        save_file(tensors, str(sub / fname))
+        (sub / "config.json").write_text(json.dumps(cfg[comp], indent=1))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TINY / "umt5-base" / f, folder / "umt5-base" / f)
+    return folder
+
+
+def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats: int, threads) -> dict:
+    from lofi_mlx.audio import resample
+    from lofi_mlx.engines import create_engine
+    from lofi_mlx.params import GenerateParams
+    from lofi_mlx.pipeline import Pipeline
+
+    frames = int(seconds * 44100 / 4096)
+    t0 = time.perf_counter()
+    eng = create_engine(checkpoint, name, "fp32", "cpu", threads=threads, keep_loaded=True)
+    pipe = Pipeline(checkpoint, eng)
+    params = GenerateParams(prompt="lofi hip hop, mellow piano", duration_sec=seconds, infer_steps=steps, seed=7)
+    # warm-up: loads every network (and exports the ONNX graphs the first time)
+    pipe.audio_44k(pipe.latents(GenerateParams(prompt="warm", duration_sec=seconds, infer_steps=2, seed=1),
+                                frames=frames))
+    setup = time.perf_counter() - t0
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 16, frames)).astype(np.float32)
+    ctx, mask = eng.encode_context(np.zeros((1, 5, 768), np.float32), np.ones((1, 5), np.int64),
+                                   np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64))
+    ctx2, mask2 = np.concatenate([ctx, ctx]), np.concatenate([mask, mask])
+    per_step = []
+    for _ in range(repeats):
+        a = time.perf_counter()
+        eng.velocity(x, np.array([500.0, 500.0], np.float32), ctx2, mask2, np.array([False, True]))
+        per_step.append(time.perf_counter() - a)
+
+    t1 = time.perf_counter()
+    lat = pipe.latents(params, frames=frames)
+    t2 = time.perf_counter()
+    wave = pipe.audio_44k(lat)
+    t3 = time.perf_counter()
+    out = resample(wave, 44100, 48000)
+    t4 = time.perf_counter()
+    audio_sec = out.shape[-1] / 48000
+    return {"engine": name, "device": eng.device, "setup_sec": round(setup, 2),
+            "sec_per_guided_step": round(statistics.median(per_step), 4),
+            "sampling_sec": round(t2 - t1, 2), "decode_vocode_sec": round(t3 - t2, 2),
+            "resample_sec": round(t4 - t3, 2), "end_to_end_sec": round(t4 - t1, 2),
+            "audio_sec": round(audio_sec, 3), "rtf": round((t4 - t1) / audio_sec, 3),
+            "finite": bool(np.all(np.isfinite(out)))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=6.0, help="audio length of the job (default 6)")
+    ap.add_argument("--steps", type=int, default=8, help="sampling steps (default 8: 4 guided)")
+    ap.add_argument("--dit-layers", type=int, default=2)
+    ap.add_argument("--text-layers", type=int, default=2)
+    ap.add_argument("--lyric-blocks", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed batch-2 velocity calls (median)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--engines", nargs="+", default=["mlx", "onnx"], choices=["mlx", "onnx"])
+    ap.add_argument("--checkpoint", type=Path, help="reuse/keep the synthetic checkpoint here")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    tmp = None
+    if args.checkpoint is None:
+        tmp = tempfile.mkdtemp(prefix="lofi-bench-")
+        args.checkpoint = Path(tmp) / "checkpoint"
+    os.environ.setdefault("LOFI_ONNX_CACHE", str(args.checkpoint.parent / "onnx-cache"))
+    try:
+        if not (args.checkpoint / "ace_step_transformer" / "config.json").is_file():
+            t0 = time.perf_counter()
+            write_checkpoint(args.checkpoint, configs(args.dit_layers, args.text_layers, args.lyric_blocks))
+            print(f"synthetic checkpoint written in {time.perf_counter() - t0:.1f} s: {args.checkpoint}",
+                  flush=True)
+        results = []
+        for name in args.engines:
+            r = run_engine(name, args.checkpoint, args.seconds, args.steps, args.repeats, args.threads)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, {platform.system()} ({platform.processor() or '?'})"
+    print(f"\n{'engine':<8} {'s/guided step':>14} {'end-to-end s':>13} {'RTF':>7}   ({machine}; "
+          f"{args.seconds:g} s audio, {args.steps} steps, DiT {args.dit_layers} layers at 2560 wide)")
+    for r in results:
+        print(f"{r['engine']:<8} {r['sec_per_guided_step']:>14.3f} {r['end_to_end_sec']:>13.2f} {r['rtf']:>7.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
