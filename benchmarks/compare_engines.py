@@ -145,9 +145,10 @@ def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats:
     eng = create_engine(checkpoint, name, "fp32", "cpu", threads=threads, keep_loaded=True)
     pipe = Pipeline(checkpoint, eng)
     params = GenerateParams(prompt="lofi hip hop, mellow piano", duration_sec=seconds, infer_steps=steps, seed=7)
-    # warm-up: loads every network (and exports the ONNX graphs the first time)
-    pipe.audio_44k(pipe.latents(GenerateParams(prompt="warm", duration_sec=seconds, infer_steps=2, seed=1),
-                                frames=frames))
+    # warm-up with the job's shapes: loads every network (exports the ONNX graphs the first
+    # time); MLX also compiles its CPU kernels per new shape here (seconds per shape)
+    pipe.audio_44k(pipe.latents(GenerateParams(prompt=params.prompt, duration_sec=seconds, infer_steps=2,
+                                               seed=1), frames=frames))
     setup = time.perf_counter() - t0
 
     rng = np.random.default_rng(0)
@@ -156,25 +157,97 @@ def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats:
                                    np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64))
     ctx2, mask2 = np.concatenate([ctx, ctx]), np.concatenate([mask, mask])
     per_step = []
+    for _ in range(2):  # MLX compiles its CPU kernels per shape on the first calls
+        eng.velocity(x, np.array([500.0, 500.0], np.float32), ctx2, mask2, np.array([False, True]))
     for _ in range(repeats):
         a = time.perf_counter()
         eng.velocity(x, np.array([500.0, 500.0], np.float32), ctx2, mask2, np.array([False, True]))
         per_step.append(time.perf_counter() - a)
 
     t1 = time.perf_counter()
-    lat = pipe.latents(params, frames=frames)
+    lat = pipe.latents(params, frames=frames)       # text encoding + sampling
     t2 = time.perf_counter()
-    wave = pipe.audio_44k(lat)
+    mel = eng.dcae_decode(lat)
     t3 = time.perf_counter()
-    out = resample(wave, 44100, 48000)
+    wave = eng.vocode(mel)[0]
     t4 = time.perf_counter()
+    out = resample(wave, 44100, 48000)
+    t5 = time.perf_counter()
     audio_sec = out.shape[-1] / 48000
     return {"engine": name, "device": eng.device, "setup_sec": round(setup, 2),
             "sec_per_guided_step": round(statistics.median(per_step), 4),
-            "sampling_sec": round(t2 - t1, 2), "decode_vocode_sec": round(t3 - t2, 2),
-            "resample_sec": round(t4 - t3, 2), "end_to_end_sec": round(t4 - t1, 2),
-            "audio_sec": round(audio_sec, 3), "rtf": round((t4 - t1) / audio_sec, 3),
+            "text_and_sampling_sec": round(t2 - t1, 2), "dcae_sec": round(t3 - t2, 2),
+            "vocoder_sec": round(t4 - t3, 2), "resample_sec": round(t5 - t4, 2),
+            "end_to_end_sec": round(t5 - t1, 2),
+            "audio_sec": round(audio_sec, 3), "rtf": round((t5 - t1) / audio_sec, 3),
             "finite": bool(np.all(np.isfinite(out)))}
+
+
+def torch_cuda_full(seconds: float = 120.0, steps: int = 27) -> dict:
+    """Full-size synthetic model (real configs, random weights) through the PyTorch export port,
+    fp16 on CUDA: what the fp16 graphs compute, timed where onnxruntime-gpu is not installed
+    (a proxy for the ONNX engine on CUDA, not a measurement of it). The sampler math between
+    steps is left out; each velocity is copied to the host as the shared sampler needs it."""
+    import torch
+
+    from convert.torch_port import dcae, dit, vocoder
+    from convert.torch_port.lyric_encoder import LyricEncoderConfig
+    from lofi_cuda import tables
+
+    dev = "cuda"
+    full_dcae = dict(configs(24, 12, 6)["dcae"], encoder_layers_per_block=[2, 2, 3, 3],
+                     decoder_layers_per_block=[3, 3, 3, 3])
+
+    def half(m):
+        for p in m.parameters():
+            p.requires_grad_(False)
+            p.data = (p.data * 0.5).half() if p.dim() >= 2 else p.data.half()
+        return m.eval().to(dev)
+
+    with torch.device(dev):
+        torch.manual_seed(0)
+        m = half(dit.ACEStepDiT(dit.DiTConfig.from_dict(configs(24, 12, 6)["transformer"]), LyricEncoderConfig()))
+        m.time_freqs = m.time_freqs.to(dev)
+        dec = half(dcae.DCAEDecode(dcae.DCAEConfig.from_dict(full_dcae)))
+        voc = half(vocoder.Vocoder(vocoder.VocoderConfig()))
+    T, L = int(seconds * 44100 / 4096), 22
+    rope = [torch.from_numpy(a).to(dev) for a in tables.rope_tables(T, 128, 1e6, "fp16")]
+    rope_ctx = [torch.from_numpy(a).to(dev) for a in tables.rope_tables(L, 128, 1e6, "fp16")]
+    ctx, mask = torch.randn(2, L, 2560, device=dev), torch.ones(2, L, device=dev)
+    start, end = int(steps * 0.25), int(steps * 0.75)
+
+    def job(n):
+        x = torch.randn(1, 8, 16, T, device=dev)
+        dit_sec = 0.0
+        for i in range(n):
+            b = 2 if start <= i < end else 1
+            torch.cuda.synchronize()
+            a = time.perf_counter()
+            v = m.decode(torch.cat([x] * b), torch.full((b,), 1000.0 * (1 - i / n), device=dev), ctx[:b],
+                         mask[:b], torch.tensor([1.0, 0.01][:b], device=dev), *rope, *rope_ctx).cpu()
+            dit_sec += time.perf_counter() - a
+            x = x - 0.03 * torch.nan_to_num(v[:1]).to(dev)
+        torch.cuda.synchronize()
+        a = time.perf_counter()
+        mel = dec(x.clamp(-3, 3))
+        torch.cuda.synchronize()
+        b_ = time.perf_counter()
+        wave = voc(mel[0]).cpu()
+        return dit_sec, b_ - a, time.perf_counter() - b_, wave.shape
+
+    with torch.no_grad():
+        job(3)  # warm-up: kernel selection, allocator
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        dit_sec, dcae_sec, voc_sec, shape = job(steps)
+        total = time.perf_counter() - t0
+    evals = 2 * (end - start) + (steps - (end - start))
+    return {"engine": "torch-port fp16 (proxy)", "device": torch.cuda.get_device_name(0),
+            "seconds_audio": seconds, "steps": steps, "guided_steps": end - start,
+            "sec_per_guided_step": round(2 * dit_sec / evals, 4), "dit_sec": round(dit_sec, 3),
+            "dcae_sec": round(dcae_sec, 3), "vocoder_sec": round(voc_sec, 3), "end_to_end_sec": round(total, 3),
+            "rtf": round(total / seconds, 4), "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "wave_shape": list(shape)}
 
 
 def main(argv=None) -> int:
@@ -189,7 +262,13 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", nargs="+", default=["mlx", "onnx"], choices=["mlx", "onnx"])
     ap.add_argument("--checkpoint", type=Path, help="reuse/keep the synthetic checkpoint here")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--cuda-full", action="store_true",
+                    help="instead: the full-size synthetic model via the torch port, fp16 on CUDA "
+                         "(120 s of audio, 27 steps; see torch_cuda_full)")
     args = ap.parse_args(argv)
+    if args.cuda_full:
+        print(json.dumps(torch_cuda_full(), indent=1))
+        return 0
 
     tmp = None
     if args.checkpoint is None:

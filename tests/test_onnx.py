@@ -50,7 +50,7 @@ def engine16(onnx_cache):
 
 
 def t(x):
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.array(x))
 
 
 def close(a, b, atol, what):
@@ -247,7 +247,10 @@ def test_graphs_in_the_checkpoint_are_used_and_checked(engine, ckpt_copy, tmp_pa
     monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty_cache"))
     folder = ckpt_copy / "onnx" / "fp32"
     shutil.copytree(engine.graph_dir(), folder)
-    # the copy has new mtimes, so freshness falls back to the sha256 of each file
+    assert G.stale_reason(folder, ckpt_copy, "fp32") is None
+    # a file with a new mtime but the same bytes is still fresh (checked by its sha256)
+    weights = ckpt_copy / "music_vocoder" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
     assert G.stale_reason(folder, ckpt_copy, "fp32") is None
     eng = ONNXEngine(ckpt_copy, "fp32", device="cpu")
     assert eng.graph_dir() == folder
@@ -271,3 +274,27 @@ def test_missing_export_extra_is_a_clear_error(ckpt_copy, tmp_path, monkeypatch)
         eng.encode_text(np.array([[5, 1]]), np.ones((1, 2), np.int64))
     assert e.value.code == MODEL_LOAD_FAILED
     assert "export" in e.value.message and "convert.to_onnx" in e.value.message
+
+
+def test_engine_runs_without_mlx(engine, tmp_path):
+    """The `cuda` extra does not pull mlx: the ONNX engine and the shared pipeline must not need it."""
+    import subprocess
+    import sys
+    engine.graph_dir()  # graphs exported into the session cache, which the child inherits
+    code = (
+        "import sys\n"
+        "sys.modules['mlx'] = None; sys.modules['mlx.core'] = None  # importing mlx now fails\n"
+        "import numpy as np\n"
+        "from lofi_mlx.engines import create_engine\n"
+        "from lofi_mlx.params import GenerateParams\n"
+        "from lofi_mlx.pipeline import Pipeline\n"
+        f"ck = {str(CHECKPOINT)!r}\n"
+        "eng = create_engine(ck, 'onnx', 'fp32', 'cpu')\n"
+        "pipe = Pipeline(ck, eng)\n"
+        "w = pipe.audio_44k(pipe.latents(GenerateParams(prompt='rain', duration_sec=3.0, infer_steps=3, seed=5), frames=8))\n"
+        "assert w.shape == (2, 4096 * 8) and np.all(np.isfinite(w))\n"
+        "print('ok', eng.name, eng.device, eng.loaded())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ok onnx cpu []" in r.stdout

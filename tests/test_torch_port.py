@@ -17,14 +17,14 @@ from tests.conftest import CHECKPOINT, assert_close, golden  # noqa: E402
 ATOL = 1e-4
 ATOL_RUN = 1e-3
 # fp16 bounds, relative to the reference tensor's max |value|; measured on the tiny checkpoint
-# (see each test) and set about 2-3x above what was measured.
-FP16_REL_TEXT = 5e-3
-FP16_REL_DIT = 1e-2
-FP16_REL_AUDIO = 2e-2
+# with torch 2.13 on the CPU (see each test) and set about 2.5x above what was measured.
+FP16_REL_TEXT = 7e-3
+FP16_REL_DIT = 4e-3
+FP16_REL_AUDIO = 4e-3
 
 
 def t(x, dtype=None):
-    a = torch.from_numpy(np.ascontiguousarray(x))
+    a = torch.from_numpy(np.array(x))
     return a if dtype is None else a.to(dtype)
 
 
@@ -66,7 +66,7 @@ def test_umt5_fp16_within_bound(text_gold):
     model = umt5.load(CHECKPOINT, "fp16")
     assert model.blocks[0].ff.wo.weight.dtype == torch.float32  # the overflow-prone projection
     assert model.blocks[0].attn.q.weight.dtype == torch.float16
-    # measured: 1.6e-3
+    # measured: 2.6e-3 (ERG null: 3.0e-3)
     for erg, key in ((False, "batch.last_hidden_state"), (True, "batch.last_hidden_state_null")):
         assert rel_err(run_umt5(model, text_gold, "batch", erg), text_gold[key]) < FP16_REL_TEXT
 
@@ -179,7 +179,7 @@ def test_dit_fp16_within_bound(dit_gold):
     g = dit_gold
     model = dit.load(CHECKPOINT, "fp16")
     ctx, mask = encode(model, g, precision="fp16")
-    # measured: encode 1.0e-3, decode 3.3e-3
+    # measured: encode 8.6e-4, decode 1.2e-3 (ERG rows: 1.5e-3)
     assert rel_err(ctx, g["encode.out.encoder_hidden_states"]) < FP16_REL_DIT
     v = decode(model, g, g["encode.out.encoder_hidden_states"], g["encode.out.encoder_hidden_mask"],
                precision="fp16")
@@ -242,6 +242,6 @@ def test_audio_fp16_within_bound():
     with torch.no_grad():
         mel = dec(t(g["in.latents"]))
         wave = voc(mel[0]).numpy()
-    # measured: mel 1.2e-3, waveform 4.6e-3
+    # measured: mel 1.4e-3, waveform 3.7e-4
     assert rel_err(mel[0, 0][None].numpy(), g["vocoder.0.in.mel"]) < FP16_REL_AUDIO
     assert rel_err(wave, g["out.wav_44100.0"]) < FP16_REL_AUDIO

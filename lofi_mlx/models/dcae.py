@@ -191,6 +191,51 @@ class RMSNormC(nn.Module):
         return rms_norm(x, NORM_EPS).astype(self.weight.dtype) * self.weight + self.bias
 
 
+# Winograd F(2x2, 3x3): each 2x2 output tile from a 4x4 input tile with 16 products instead of
+# 36, i.e. the 3x3 conv as 16 GEMMs [tiles, in] @ [in, out] with 2.25x fewer multiply-adds.
+# Y = A^T [(G g G^T) * (B^T d B)] A; the transforms only add, subtract and halve (exact in fp32).
+_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+
+
+def _wino_in(d0, d1, d2, d3):  # rows of B^T d
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _wino_out(m0, m1, m2, m3):  # rows of A^T m
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+def _winograd_tiles(xp, u):
+    """xp [B, 2th+2, 2tw+2, C] (zero-padded input), u [16, C, O] -> [B, 2th, 2tw, O]."""
+    B, Hp, Wp, C = xp.shape
+    th, tw = (Hp - 2) // 2, (Wp - 2) // 2
+    rows = _wino_in(*[xp[:, a:a + 2 * th:2] for a in range(4)])
+    v = [t for r in rows for t in _wino_in(*[r[:, :, b:b + 2 * tw:2] for b in range(4)])]
+    m = (mx.stack(v).reshape(16, -1, C) @ u).reshape(4, 4, B, th, tw, -1)
+    ys = [_wino_out(*[r[q] for q in range(4)]) for r in _wino_out(*[m[p] for p in range(4)])]
+    y = mx.stack([mx.stack(ys[i], axis=3) for i in range(2)], axis=2)  # [B, th, 2, tw, 2, O]
+    return y.reshape(B, 2 * th, 2 * tw, -1)
+
+
+def conv3x3(conv: nn.Conv2d, x, budget: int = 1 << 26):
+    """`conv(x)` for a 3x3, stride-1, padding-1 nn.Conv2d. On the CPU in fp32 (even H and W) it
+    runs as Winograd F(2x2, 3x3): ~2x faster than mx.conv2d there (measured at 128-512
+    channels), same values up to rounding. Frame columns go in chunks so the 16 transformed
+    copies stay under `budget` elements."""
+    w = conv.weight
+    B, H, W, C = x.shape
+    if (mx.default_device().type != mx.DeviceType.cpu or w.dtype != mx.float32
+            or x.dtype != mx.float32 or H % 2 or W % 2):
+        return conv(x)
+    g = mx.array(_WINO_G)
+    u = mx.einsum("pa,qb,oabi->pqio", g, g, w).reshape(16, C, -1)
+    xp = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    step = max(2, budget // (4 * B * H * C) // 2 * 2)  # output columns per chunk (even)
+    parts = [_winograd_tiles(xp[:, :, c:c + step + 2], u) for c in range(0, W, step)]
+    y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+    return y + conv.bias if "bias" in conv else y
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -199,7 +244,7 @@ class ResBlock(nn.Module):
         self.norm = RMSNormC(channels)
 
     def __call__(self, x):
-        return x + self.norm(self.conv2(silu(self.conv1(x))))
+        return x + self.norm(conv3x3(self.conv2, silu(conv3x3(self.conv1, x))))
 
 
 def _shifted_sum(xp, w):

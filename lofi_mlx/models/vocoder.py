@@ -1,8 +1,9 @@
 """ACE-Step's vocoder (ADaMoSHiFiGANV1): log-mel [B, 128, F] -> 44.1 kHz waveform [B, 512·F].
 
 A ConvNeXt-1D backbone turns the mel into `num_mels` features per frame; a HiFi-GAN generator
-(weight-normed convs, folded at load) upsamples them ×512 to audio (spec §9). Activations run
-channels-last `[B, L, C]`, as MLX convolutions want. The log-mel front end of the checkpoint
+(weight-normed convs, folded at load) upsamples them ×512 to audio (spec §9). The backbone runs
+channels-last `[B, L, C]` (its 1x1 convs are Linears); the HiFi-GAN head runs channels-first
+`[B, C, L]`, every conv as im2col + one GEMM with time as the long axis (`conv_cf`). The log-mel front end of the checkpoint
 (`mel_transform.*`) is recomputed in numpy by `lofi_mlx.audio.log_mel`.
 
 Half precision (fp16/bf16): the backbone's and the HiFi-GAN's residual streams are not
@@ -99,33 +100,51 @@ def _to(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def conv_cf(x, w, dilation: int = 1, budget: int = 1 << 26):
+    """Channels-first conv1d without padding: x `[B, in, L]`, w `[out, K, in]` ->
+    `[B, out, L − dilation·(K−1)]`, out[t] = Σ_j w[:, j] · x[t + j·dilation].
+
+    im2col + GEMM: the K shifted (dilated) views stacked on the channel axis, then one
+    `[out, K·in] @ [K·in, L]` product. Channels-first keeps time as the GEMM's long axis, which
+    stays efficient down to 8 channels, and dilation needs no reshuffle. MLX's CPU conv1d runs
+    dilated kernels ~70x slower and small-channel ones at a third of GEMM speed (measured).
+    Taps go in groups so the stacked copy stays under `budget` elements (long inputs)."""
+    o, k, i = w.shape
+    n = x.shape[-1] - dilation * (k - 1)
+    step = max(1, min(k, budget // max(1, x.shape[0] * i * n)))
+    w2 = w.reshape(o, k * i)
+    y = None
+    for j0 in range(0, k, step):
+        j1 = min(k, j0 + step)
+        views = [x[:, :, j * dilation:j * dilation + n] for j in range(j0, j1)]
+        cols = views[0] if len(views) == 1 else mx.concatenate(views, axis=1)
+        part = w2[:, j0 * i:j1 * i] @ cols
+        y = part if y is None else y + part
+    return y
+
+
 class Conv(nn.Module):
     """Conv1d, weight `[out, K, in]`; zero padding keeps the length (`dilation·(K−1)/2` each side).
 
-    A dilated conv runs as an undilated one over the `dilation` interleaved phases of the
-    sequence: MLX's CPU kernel for dilation > 1 is ~70x slower than its GEMM path (measured)."""
+    `forward_cf` is the channels-first form the HiFi-GAN head runs in (see `conv_cf`);
+    calling the module takes and returns channels-last `[B, L, C]`."""
 
     def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1, padding: int | None = None):
         super().__init__()
         self.weight = mx.zeros((cout, kernel, cin))
         self.bias = mx.zeros((cout,))
         self.dilation = dilation
-        self.padding = (kernel - 1) // 2 if padding is None else padding
+        self.padding = dilation * (kernel - 1) // 2 if padding is None else padding
+
+    def forward_cf(self, x):
+        x = _to(x, self.weight.dtype)
+        if self.padding:
+            x = mx.pad(x, [(0, 0), (0, 0), (self.padding, self.padding)])
+        y = conv_cf(x, self.weight, self.dilation)
+        return _to(y, F32) + _to(self.bias, F32)[:, None]
 
     def __call__(self, x):
-        x = _to(x, self.weight.dtype)
-        d = self.dilation
-        if d == 1:
-            y = mx.conv1d(x, self.weight, padding=self.padding)
-        else:
-            # phase φ holds samples φ, φ+d, ...: zero tail to a whole number of rows
-            b, n, c = x.shape
-            rows = -(-n // d)
-            x = mx.pad(x, [(0, 0), (0, rows * d - n), (0, 0)])
-            x = x.reshape(b, rows, d, c).transpose(0, 2, 1, 3).reshape(b * d, rows, c)
-            y = mx.conv1d(x, self.weight, padding=self.padding)
-            y = y.reshape(b, d, rows, -1).transpose(0, 2, 1, 3).reshape(b, rows * d, -1)[:, :n]
-        return _to(y, F32) + _to(self.bias, F32)
+        return self.forward_cf(x.transpose(0, 2, 1)).transpose(0, 2, 1)
 
 
 def polyphase_span(kernel: int, stride: int, padding: int) -> tuple[int, int]:
@@ -143,7 +162,7 @@ class ConvTranspose(nn.Module):
     Run in polyphase form: one ordinary conv to `stride·out` channels (one group per output phase
     r), then the phases interleaved in time. Output q·stride + r reads inputs q − j, j in
     [jmin, jmax], through tap j·stride + r + padding. MLX's CPU conv_transpose1d is ~70x slower
-    than its GEMM conv (measured); the kernel rearrangement is a small gather per call."""
+    than a GEMM conv (measured); the kernel rearrangement is a small gather per call."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int):
         super().__init__()
@@ -165,12 +184,16 @@ class ConvTranspose(nn.Module):
         w = mx.take(w, mx.array(self.taps), axis=1).reshape(o, self.stride, -1, i)
         return w.transpose(1, 0, 2, 3).reshape(self.stride * o, -1, i)
 
+    def forward_cf(self, x):
+        """Channels-first `[B, in, L] -> [B, out, stride·L]`."""
+        b, _, n = x.shape
+        x = mx.pad(_to(x, self.weight.dtype), [(0, 0), (0, 0), (self.jmax, -self.jmin)])
+        y = conv_cf(x, self.polyphase_weight())  # [B, stride·out, n], channel r·out + o
+        y = y.reshape(b, self.stride, -1, n).transpose(0, 2, 3, 1).reshape(b, -1, n * self.stride)
+        return _to(y, F32) + _to(self.bias, F32)[:, None]
+
     def __call__(self, x):
-        b, n, _ = x.shape
-        x = mx.pad(_to(x, self.weight.dtype), [(0, 0), (self.jmax, -self.jmin), (0, 0)])
-        y = mx.conv1d(x, self.polyphase_weight())  # [B, n, stride·out]
-        y = y.reshape(b, n * self.stride, -1)
-        return _to(y, F32) + _to(self.bias, F32)
+        return self.forward_cf(x.transpose(0, 2, 1)).transpose(0, 2, 1)
 
 
 class Linear(nn.Module):
@@ -271,8 +294,9 @@ class ResBlock(nn.Module):
         self.convs2 = [Conv(dims, dims, kernel) for _ in dilations]
 
     def __call__(self, x):
+        """Channels-first `[B, C, L]`, like the rest of the head."""
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(silu(c1(silu(x))))
+            x = x + c2.forward_cf(silu(c1.forward_cf(silu(x))))
         return x
 
 
@@ -291,20 +315,22 @@ class Head(nn.Module):
         self.conv_post = Conv(ch // 2 ** len(self.ups), 1, cfg.post_conv_kernel_size)
 
     def __call__(self, x, taps: dict | None = None):
-        x = self.conv_pre(x)
+        """Backbone features `[B, F, C]` (channels-last) -> `[B, 1, hop·F]`. Runs channels-first
+        (`conv_cf`); taps are stored channels-last."""
+        x = self.conv_pre.forward_cf(x.transpose(0, 2, 1))
         if taps is not None:
-            taps["head.conv_pre"] = x
+            taps["head.conv_pre"] = x.transpose(0, 2, 1)
         n = len(self.resblocks) // len(self.ups)
         for u, up in enumerate(self.ups):
-            x = up(silu(x))
+            x = up.forward_cf(silu(x))
             if taps is not None:
-                taps[f"head.ups.{u}"] = x
+                taps[f"head.ups.{u}"] = x.transpose(0, 2, 1)
             blocks = self.resblocks[u * n:(u + 1) * n]
             acc = blocks[0](x)
             for rb in blocks[1:]:
                 acc = acc + rb(x)
             x = acc / n
-        return mx.tanh(self.conv_post(silu(x)))
+        return mx.tanh(self.conv_post.forward_cf(silu(x)))
 
 
 class Vocoder(nn.Module):
