@@ -10,8 +10,8 @@ the Hugging Face layout (config.json + fp16 safetensors) is written to a tempora
 --checkpoint), both engines load it through their normal paths, and the same job runs on each:
 text encoding, sampling with the shared sampler (Euler + APG, guided steps batched [cond; null]),
 DCAE decode and vocoder, like the daemon's pipeline. Reported per engine: seconds per guided
-DiT step (one batch-2 velocity call) and the end-to-end real-time factor (wall time / audio
-seconds; < 1 is faster than real time). Needs mlx, onnxruntime and the `export` extra (torch,
+DiT step (one batch-2 velocity call) and the end-to-end real-time factor (audio seconds / wall
+seconds; > 1 is faster than real time). Needs mlx, onnxruntime and the `export` extra (torch,
 onnx) for the one-time ONNX export, which is timed separately.
 """
 
@@ -179,15 +179,16 @@ def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats:
             "text_and_sampling_sec": round(t2 - t1, 2), "dcae_sec": round(t3 - t2, 2),
             "vocoder_sec": round(t4 - t3, 2), "resample_sec": round(t5 - t4, 2),
             "end_to_end_sec": round(t5 - t1, 2),
-            "audio_sec": round(audio_sec, 3), "rtf": round((t5 - t1) / audio_sec, 3),
+            "audio_sec": round(audio_sec, 3), "rtf": round(audio_sec / (t5 - t1), 3),
             "finite": bool(np.all(np.isfinite(out)))}
 
 
-def torch_cuda_full(seconds: float = 120.0, steps: int = 27) -> dict:
-    """Full-size synthetic model (real configs, random weights) through the PyTorch export port,
-    fp16 on CUDA: what the fp16 graphs compute, timed where onnxruntime-gpu is not installed
-    (a proxy for the ONNX engine on CUDA, not a measurement of it). The sampler math between
-    steps is left out; each velocity is copied to the host as the shared sampler needs it."""
+def torch_cuda_full(seconds: float = 120.0, steps: int = 27, dtype: str = "fp16") -> dict:
+    """Full-size synthetic model (real configs, random weights) through the PyTorch export port
+    on CUDA. fp16: what the fp16 graphs compute (a proxy where onnxruntime-gpu is not installed,
+    not a measurement of the ONNX engine). bf16: the PyTorch eager baseline, as the reference
+    runs (bf16, SDPA cross-attention). The sampler math between steps is left out; each velocity
+    is copied to the host as the shared sampler needs it."""
     import torch
 
     from convert.torch_port import dcae, dit, vocoder
@@ -195,13 +196,14 @@ def torch_cuda_full(seconds: float = 120.0, steps: int = 27) -> dict:
     from lofi_cuda import tables
 
     dev = "cuda"
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     full_dcae = dict(configs(24, 12, 6)["dcae"], encoder_layers_per_block=[2, 2, 3, 3],
                      decoder_layers_per_block=[3, 3, 3, 3])
 
     def half(m):
         for p in m.parameters():
             p.requires_grad_(False)
-            p.data = (p.data * 0.5).half() if p.dim() >= 2 else p.data.half()
+            p.data = (p.data * 0.5).to(tdt) if p.dim() >= 2 else p.data.to(tdt)
         return m.eval().to(dev)
 
     with torch.device(dev):
@@ -242,11 +244,11 @@ def torch_cuda_full(seconds: float = 120.0, steps: int = 27) -> dict:
         dit_sec, dcae_sec, voc_sec, shape = job(steps)
         total = time.perf_counter() - t0
     evals = 2 * (end - start) + (steps - (end - start))
-    return {"engine": "torch-port fp16 (proxy)", "device": torch.cuda.get_device_name(0),
+    return {"engine": f"torch-port {dtype}", "device": torch.cuda.get_device_name(0),
             "seconds_audio": seconds, "steps": steps, "guided_steps": end - start,
             "sec_per_guided_step": round(2 * dit_sec / evals, 4), "dit_sec": round(dit_sec, 3),
             "dcae_sec": round(dcae_sec, 3), "vocoder_sec": round(voc_sec, 3), "end_to_end_sec": round(total, 3),
-            "rtf": round(total / seconds, 4), "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "rtf": round(seconds / total, 2), "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "wave_shape": list(shape)}
 
 
@@ -265,9 +267,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-full", action="store_true",
                     help="instead: the full-size synthetic model via the torch port, fp16 on CUDA "
                          "(120 s of audio, 27 steps; see torch_cuda_full)")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --cuda-full")
     args = ap.parse_args(argv)
     if args.cuda_full:
-        print(json.dumps(torch_cuda_full(), indent=1))
+        print(json.dumps(torch_cuda_full(dtype=args.dtype), indent=1))
         return 0
 
     tmp = None
