@@ -89,13 +89,13 @@ class Pipeline:
         x0 = noise_source.randn((1, 8, 16, frames))
         lyric_ids = np.zeros((1, 1), np.int64)
         lyric_mask = np.zeros((1, 1), np.int64)
+        report("diffusion", 0, None, stage_fraction("diffusion", 0.0))
         try:
             conds = build_conditions(eng, text, text_null, mask, lyric_ids, lyric_mask, sp)
 
             def on_step(i, total, info=None):
                 report("diffusion", i + 1, total, stage_fraction("diffusion", (i + 1) / total))
 
-            report("diffusion", 0, None, stage_fraction("diffusion", 0.0))
             lat = sample(eng, conds, x0, sp, noise_source, on_step=on_step, should_cancel=cancel)
         finally:
             _end(eng, "transformer")

@@ -163,26 +163,32 @@ def _nfe(p: GenerateParams) -> int:
 class Estimator:
     """Job times from measurements: seconds per (network evaluation x audio second) for the
     diffusion steps, seconds per audio second for decoding, and the start-up cost (loading, text
-    encoding and the first step). Moving averages over finished jobs; before the first job has
-    finished, the running job's own step time stands in."""
+    encoding and the first step). Each is the smallest of the last few finished jobs: a job slowed
+    once (a first run's kernel compilation, a busy machine) must not spoil the next estimates.
+    Before the first job has finished, the running job's own step time stands in."""
+
+    WINDOW = 3
 
     def __init__(self):
+        self._seen: dict[str, list[float]] = {"overhead": [], "step_unit": [], "post_unit": []}
         self.step_unit: float | None = None
         self.post_unit: float | None = None
         self.overhead: float | None = None
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _ewma(old, new, a=0.5):
-        return new if old is None else (1 - a) * old + a * new
+    def _add(self, name: str, value: float) -> None:
+        seen = self._seen[name]
+        seen.append(value)
+        del seen[:-self.WINDOW]
+        setattr(self, name, min(seen))
 
     def learn(self, p: GenerateParams, pre_sec: float, step_sec: float | None, post_sec: float | None):
         with self._lock:
-            self.overhead = self._ewma(self.overhead, pre_sec)
+            self._add("overhead", pre_sec)
             if step_sec is not None:
-                self.step_unit = self._ewma(self.step_unit, step_sec * p.infer_steps / _nfe(p) / p.duration_sec)
+                self._add("step_unit", step_sec * p.infer_steps / _nfe(p) / p.duration_sec)
             if post_sec is not None:
-                self.post_unit = self._ewma(self.post_unit, post_sec / p.duration_sec)
+                self._add("post_unit", post_sec / p.duration_sec)
 
     def total(self, p: GenerateParams, live: "ProgressTracker | None" = None) -> float | None:
         step_unit, post_unit = self.step_unit, self.post_unit
