@@ -89,3 +89,12 @@ def test_daemon_generates_with_onnx_and_no_mlx(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cuda_install_does_not_pull_mlx():
+    import tomllib
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for req in proj["dependencies"] + proj["optional-dependencies"]["cuda"]:
+        assert not req.lower().startswith("mlx"), req
+    assert any(r.startswith("onnxruntime-gpu") for r in proj["optional-dependencies"]["cuda"])
+    assert any(r.startswith("mlx") for r in proj["optional-dependencies"]["mlx"])
