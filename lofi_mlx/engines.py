@@ -1,7 +1,15 @@
-"""Engine selection. Imports an ML framework only when an engine is actually created."""
+"""Engine selection. Imports an ML framework only when an engine is actually created.
+
+`auto` picks, in order: macOS on Apple Silicon -> MLX (Metal); a usable NVIDIA GPU -> ONNX Runtime
+with CUDA; otherwise the faster engine on a CPU, which measured as ONNX Runtime (RTF 0.80 vs 0.27
+for MLX at mid size on a 2-core x86-64; benchmarks/RESULTS.md), when it is installed and can get
+its graphs, else MLX. LOFI_ENGINE / LOFI_DEVICE (or --engine / --device) always override.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import platform
 import sys
@@ -10,6 +18,7 @@ from pathlib import Path
 from .errors import MODEL_LOAD_FAILED, LofiError
 
 ENGINES = ("mlx", "onnx")
+CPU_ORDER = ("onnx", "mlx")
 
 
 def _installed(module: str) -> bool:
@@ -19,44 +28,64 @@ def _installed(module: str) -> bool:
         return False
 
 
-def available_engines() -> dict[str, str]:
-    """Each engine's state: "available" or "not_installed" (with the reason in the value)."""
-    out = {}
-    out["mlx"] = "available" if _installed("mlx") else "not_installed: pip install 'lofi[mlx]'"
+def _apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def _onnx_graphs_present(checkpoint) -> bool:
+    return checkpoint is not None and any(Path(checkpoint).glob("onnx/*/manifest.json"))
+
+
+def available_engines(checkpoint=None) -> dict[str, str]:
+    """Each engine's state: "available", or "not_installed: <what to install>"."""
+    out = {"mlx": "available" if _installed("mlx") else "not_installed: pip install 'lofi[mlx]'"}
     if not _installed("onnxruntime"):
         out["onnx"] = "not_installed: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'"
-    elif not _installed("lofi_cuda.engine"):
-        out["onnx"] = "not_installed: the ONNX engine is not part of this build yet"
+    elif not (_installed("torch") and _installed("onnx")) and not _onnx_graphs_present(checkpoint):
+        out["onnx"] = ("not_installed: the ONNX graphs are exported on first use, which needs "
+                       "pip install 'lofi[export]'")
     else:
         out["onnx"] = "available"
     return out
 
 
-def default_engine() -> str:
-    """macOS on Apple Silicon -> MLX; otherwise the first available (MLX is faster on this CPU)."""
-    avail = available_engines()
-    if sys.platform == "darwin" and platform.machine() == "arm64" and avail["mlx"] == "available":
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """An NVIDIA GPU that ONNX Runtime's CUDA provider can really use (probed once)."""
+    try:
+        importlib.metadata.version("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    from lofi_cuda.engine import cuda_usable as probe
+    return probe()
+
+
+def default_engine(device: str = "auto", checkpoint=None) -> str:
+    avail = available_engines(checkpoint)
+    ok = [n for n in ENGINES if avail[n] == "available"]
+    if not ok:
+        raise LofiError(MODEL_LOAD_FAILED, "no inference engine installed: pip install 'lofi[mlx]' "
+                        "(macOS, Linux CPU) or 'lofi[cuda]' (NVIDIA GPU)")
+    if _apple_silicon() and "mlx" in ok:
         return "mlx"
-    for name in ("mlx", "onnx"):
-        if avail[name] == "available":
-            return name
-    raise LofiError(MODEL_LOAD_FAILED, "no inference engine installed: pip install 'lofi[mlx]' "
-                    "(macOS/Linux CPU) or 'lofi[cuda]' (NVIDIA GPU)")
+    if device != "cpu" and "onnx" in ok and cuda_usable():
+        return "onnx"
+    return next(n for n in CPU_ORDER if n in ok)
 
 
 def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "fp32",
                   device: str = "auto", threads: int | None = None, keep_loaded: bool = False):
     if name == "auto":
-        name = default_engine()
+        name = default_engine(device, checkpoint)
     if name not in ENGINES:
         raise LofiError(MODEL_LOAD_FAILED, f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
-    state = available_engines()[name]
+    state = available_engines(checkpoint)[name]
     if state != "available":
         raise LofiError(MODEL_LOAD_FAILED, f"engine {name} is {state}")
     if name == "mlx":
         from .engine import MLXEngine
         return MLXEngine(checkpoint, precision=precision, device=device, threads=threads,
                          keep_loaded=keep_loaded)
-    from lofi_cuda.engine import ONNXEngine  # noqa: the optional engine
+    from lofi_cuda.engine import ONNXEngine
     return ONNXEngine(checkpoint, precision=precision, device=device, threads=threads,
                       keep_loaded=keep_loaded)

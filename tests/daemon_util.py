@@ -34,7 +34,8 @@ class Daemon:
                  fake_step_sec: float | None = None, check_start: bool = True):
         self.home = Path(home)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
-        full_env.update({"LOFI_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+        full_env.update({"LOFI_HOME": str(home), "PYTHONUNBUFFERED": "1",
+                         "LOFI_ENGINE": os.environ.get("LOFI_ENGINE", "mlx")})
         full_env.update(env or {})
         if fake_step_sec is not None:
             full_env["FAKE_STEP_SEC"] = str(fake_step_sec)

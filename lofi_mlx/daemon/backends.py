@@ -75,8 +75,8 @@ class Backends:
         """The engine a job will run on: what track ids are computed with."""
         if self.settings.engine != "auto":
             return self.settings.engine
-        from ..engines import default_engine  # find_spec only: imports no framework
-        return default_engine()
+        from ..engines import default_engine  # find_spec (and a one-time CUDA probe) only
+        return default_engine(self.settings.device, self.settings.checkpoint_dir)
 
     def identity(self) -> tuple[str, str]:
         return self.engine_name(), self.settings.precision
@@ -104,5 +104,5 @@ class Backends:
                     engine=live.get("engine") or engine,
                     device=live.get("device") or self.predicted_device(engine),
                     precision=live.get("precision") or self.settings.precision,
-                    engine_message=engine_message, engines=available_engines(),
+                    engine_message=engine_message, engines=available_engines(self.settings.checkpoint_dir),
                     path=str(self.settings.checkpoint_dir))
