@@ -94,14 +94,20 @@ local first -- the first track, reused by later cases
 
 H.test("e2e_generate_once", function()
   local rec = recorder()
+  -- read the statusline while a progress event is handled: the tiny model can finish before
+  -- the test's first poll after the daemon's answer
+  local sl
+  local unsub = lofi.on("generation_progress", function()
+    sl = sl or lofi.statusline()
+  end)
   local r = gen({ prompt = "lofi hip hop, rainy night", duration_sec = 5, infer_steps = 3, seed = 7 })
   H.wait(30000, function()
     return r.job.track_id ~= nil
   end, "the daemon's answer")
   H.truthy(vim.tbl_contains({ "queued", "generating" }, r.job.status), "status " .. tostring(r.job.status))
   H.eq(r.job.seed, 7, "seed echoed")
-  local sl = lofi.statusline()
   wait_done(r)
+  unsub()
   vim.wait(500)
   rec.stop()
   H.eq(r.calls, 1, "callback count")
