@@ -760,6 +760,8 @@ def _run(plan: Plan, progress: Progress, notice, notices, cancel, token) -> Setu
         notes = _onnx_note()
         if notes:
             notice(notes)
+        else:
+            converted = _export_onnx(root, plan.precision, progress)
 
     if plan.engine == "mlx" and not plan.keep_original:
         removed = [f.path for f in remote.files if is_weight_file(f.path) and (root / f.path).exists()]
@@ -792,6 +794,20 @@ def _remove_leftovers(root: Path, old: dict, remote: Remote) -> None:
     for rel in old.get("files", {}):
         if rel not in keep and needed_file(rel):
             (root / rel).unlink(missing_ok=True)
+
+
+def _export_onnx(root: Path, precision: str, progress) -> list[str]:
+    """Export the ONNX graphs next to the checkpoint (`onnx/<precision>/`), where the ONNX engine
+    looks first. CPUs run the fp32 graphs (ONNX Runtime's CPU kernels are fp32)."""
+    from convert import to_onnx
+    from lofi_mlx.engines import cuda_usable
+    if not cuda_usable():
+        precision = "fp32"
+    out = root / "onnx" / precision
+    progress.emit("converting", f"onnx/{precision}", 0, 1, force=True)
+    to_onnx.export_all(root, out, precision, log=lambda *a: None)
+    progress.emit("converting", f"onnx/{precision}", 1, 1, force=True)
+    return [f"onnx/{precision}"]
 
 
 def _onnx_note() -> str | None:

@@ -553,3 +553,25 @@ def test_hf_token_goes_to_the_hub_and_never_to_the_cdn(hub, home, monkeypatch):
     assert hub_reqs and cdn_reqs
     assert all(r["auth"] == "Bearer hf_loopback_test_token" for r in hub_reqs), hub_reqs
     assert all(r["auth"] is None for r in cdn_reqs)
+
+
+def test_setup_for_the_onnx_engine_exports_graphs_it_then_uses(hub, home, monkeypatch, tmp_path):
+    """With PyTorch present, setup for the ONNX engine exports the graphs next to the checkpoint
+    (fp32 on a CPU), and the engine uses them without exporting again."""
+    pytest.importorskip("torch")
+    events = []
+    result = setup.run_setup(home, REV_A, precision="fp16", engine="onnx", on_progress=events.append)
+    assert result.state == "ready" and result.converted == ["onnx/fp32"]
+    root = home / "ace-step"
+    assert (root / "onnx" / "fp32" / "manifest.json").is_file()
+    assert [e["file"] for e in events if e["stage"] == "converting"][-1] == "onnx/fp32"
+    from convert import to_onnx
+    monkeypatch.setattr(to_onnx, "export_all", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("exported again")))
+    monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty-cache"))
+    from lofi_cuda.engine import ONNXEngine
+    from lofi_mlx.params import GenerateParams
+    from lofi_mlx.pipeline import Pipeline
+    info = Pipeline(root, ONNXEngine(root, "fp32", "cpu")).generate(
+        GenerateParams("lofi", 5.0, infer_steps=2, seed=1), tmp_path / "o.wav")
+    assert info["engine"] == "onnx" and (tmp_path / "o.wav").is_file()
