@@ -46,8 +46,17 @@ def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     job = Job("bench", params, "normal", "ace-step", engine.name, engine.precision, 0)
     tracker = ProgressTracker(job, estimator, send=lambda *a: None, clock=time.monotonic)
     events = []  # (time, stage, step, eta)
+    stage_peak = {}  # engine memory peak per stage (the engine's own counter, reset at each stage)
+
+    def close_stage():
+        if events and hasattr(engine, "reset_peak"):
+            st = events[-1][1]
+            stage_peak[st] = max(stage_peak.get(st, 0), int(engine.memory().get("peak", 0)))
+            engine.reset_peak()
 
     def progress(stage, step, total, fraction):
+        if not events or events[-1][1] != stage:
+            close_stage()
         tracker(stage, step, total, fraction)
         events.append((time.monotonic(), stage, step, job.eta_sec))
 
@@ -56,6 +65,7 @@ def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     job.started = start = time.monotonic()
     info = pipeline.generate(params, out_dir / "bench.wav", progress=progress)
     end = time.monotonic()
+    close_stage()
     estimator.learn(params, *tracker.timings(end))
 
     firsts = {}
@@ -85,8 +95,10 @@ def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     eta = [{"step": step, "eta_sec": e, "true_remaining_sec": end - tt}
            for tt, stage, step, e in events if stage == "diffusion" and step]
     return {"timings": t, "steps": steps, "total_sec": end - start,
-            "rtf": params.duration_sec / (end - start), "eta": eta,
-            "engine_memory": engine.memory(), "rss_now": _rss_now_bytes()}
+            "rtf": params.duration_sec / (end - start), "eta": eta, "stage_peak_bytes": stage_peak,
+            "engine_memory": engine.memory(), "rss_idle_after": _rss_now_bytes(),
+            "loaded_after": list(engine.loaded()),
+            "weight_bytes": dict(getattr(engine, "weight_bytes", {}))}
 
 
 def summarise(runs: list[dict], params, meta) -> dict:
@@ -107,7 +119,11 @@ def summarise(runs: list[dict], params, meta) -> dict:
         "total_sec": agg([r["total_sec"] for r in runs]),
         "rtf": agg([r["rtf"] for r in runs]),
         "peak_rss_bytes": _rss_peak_bytes(),
-        "engine_peak_bytes": max(r["engine_memory"].get("peak", 0) for r in runs),
+        "engine_peak_bytes": max(max(r["stage_peak_bytes"].values(), default=0) for r in runs),
+        "stage_peak_bytes": {k: max(r["stage_peak_bytes"].get(k, 0) for r in runs)
+                             for k in runs[0]["stage_peak_bytes"]},
+        "rss_idle_after_bytes": runs[-1]["rss_idle_after"],
+        "weight_bytes": runs[-1].get("weight_bytes", {}),
         "runs": runs,
     }
 
@@ -132,7 +148,14 @@ def print_table(res: dict, out=sys.stdout) -> None:
     print(f"real-time factor (audio s / wall s): {r['median']:.3f} (min {r['min']:.3f}, "
           f"max {r['max']:.3f})", file=out)
     print(f"peak process memory: {res['peak_rss_bytes'] / 2**20:.0f} MiB; "
-          f"peak engine memory: {res['engine_peak_bytes'] / 2**20:.0f} MiB", file=out)
+          f"peak engine memory: {res['engine_peak_bytes'] / 2**20:.0f} MiB ("
+          + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in res["stage_peak_bytes"].items())
+          + f"); process after the job ({'networks resident' if m.get('keep_loaded') else 'networks dropped'}):"
+          f" {res['rss_idle_after_bytes'] / 2**20:.0f} MiB",
+          file=out)
+    if res["weight_bytes"]:
+        print("weights: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in res["weight_bytes"].items()),
+              file=out)
     last = res["runs"][-1]
     errs = [("-" if e["eta_sec"] is None else
              f"{abs(e['eta_sec'] - e['true_remaining_sec']) / max(e['true_remaining_sec'], 1e-9) * 100:.0f}%")
@@ -169,6 +192,8 @@ def build_parser(engine_default="mlx") -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--keep-loaded", action="store_true",
+                    help="keep every network resident between runs (the default drops each after its stage)")
     ap.add_argument("--json", action="store_true", help="print machine-readable results")
     return ap
 
@@ -193,12 +218,14 @@ def main(argv=None, engine_default="mlx") -> int:
     from .engines import create_engine
     if args.engine == "mlx":
         from .engine import MLXEngine
-        engine = MLXEngine(ckpt, args.precision, args.device, native_dir=native)
+        engine = MLXEngine(ckpt, args.precision, args.device, native_dir=native,
+                           keep_loaded=args.keep_loaded)
     else:
-        engine = create_engine(ckpt, "onnx", args.precision, args.device)
+        engine = create_engine(ckpt, "onnx", args.precision, args.device, keep_loaded=args.keep_loaded)
     meta = {"engine": engine.name, "device": engine.device, "precision": engine.precision,
             "checkpoint": f"synthetic-{args.synthetic}" if args.synthetic else str(ckpt),
-            "runs": args.runs, "warmup": args.warmup, "machine": machine(),
+            "runs": args.runs, "warmup": args.warmup, "keep_loaded": args.keep_loaded,
+            "machine": machine(),
             "date": time.strftime("%Y-%m-%d"), "command": "python -m lofi_mlx.bench "
             + " ".join(argv if argv is not None else sys.argv[1:])}
     from .daemon.jobs import Estimator

@@ -45,6 +45,7 @@ class MLXEngine:
         self.blas = BLAS
         self._models: dict = {}
         self.load_times: dict[str, float] = {}  # seconds spent loading, per stage (benchmarks)
+        self.weight_bytes: dict[str, int] = {}  # size of each network's weights once loaded
         self._lock = threading.RLock()
 
     # -- memory policy ---------------------------------------------------------------------
@@ -58,6 +59,9 @@ class MLXEngine:
                 t0 = time.perf_counter()
                 self._models[stage] = self._load(stage)
                 self.load_times[stage] = self.load_times.get(stage, 0.0) + time.perf_counter() - t0
+                from mlx.utils import tree_flatten
+                self.weight_bytes[stage] = sum(
+                    v.nbytes for _, v in tree_flatten(self._models[stage].parameters()))
             return self._models[stage]
 
     _COMPONENT = {"text_encoder": ("text_encoder", None), "transformer": ("transformer", None),
