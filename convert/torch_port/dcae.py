@@ -11,7 +11,6 @@ attention (input upcast, sums and division in fp32).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,75 +19,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.configs import DCAE_ATTN_EPS as ATTN_EPS
+from lofi_mlx.configs import DCAE_BLOCK_TYPES as BLOCK_TYPES  # noqa: F401  (old name)
+from lofi_mlx.configs import DCAE_MEL_MAX as MEL_MAX
+from lofi_mlx.configs import DCAE_MEL_MIN as MEL_MIN
+from lofi_mlx.configs import DCAE_NORM_EPS as NORM_EPS
+from lofi_mlx.configs import DCAE_PARTS as PARTS
+from lofi_mlx.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
+from lofi_mlx.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
+from lofi_mlx.configs import DCAEConfig
 
 from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
-
-SCALE_FACTOR = 0.1786
-SHIFT_FACTOR = -1.9091
-MEL_MIN, MEL_MAX = -11.0, 3.0
-NORM_EPS = 1e-5
-ATTN_EPS = 1e-15
-PARTS = ("decoder", "encoder")
-BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
-
-
-def _per_stage(value, n: int) -> tuple:
-    """diffusers accepts one value for all stages or one per stage."""
-    if isinstance(value, (str, int)):
-        return (value,) * n
-    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    if len(value) != n:
-        raise ValueError(f"{len(value)} entries for {n} stages")
-    return value
-
-
-@dataclass
-class DCAEConfig:
-    in_channels: int
-    latent_channels: int
-    attention_head_dim: int
-    encoder_block_types: tuple
-    decoder_block_types: tuple
-    encoder_block_out_channels: tuple
-    decoder_block_out_channels: tuple
-    encoder_layers_per_block: tuple
-    decoder_layers_per_block: tuple
-    encoder_qkv_multiscales: tuple
-    decoder_qkv_multiscales: tuple
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "DCAEConfig":
-        where = "music_dcae_f8c8/config.json"
-        supported = {"downsample_block_type": "Conv", "upsample_block_type": "interpolate",
-                     "encoder_out_shortcut": True, "decoder_in_shortcut": True,
-                     "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu"}
-        for key, want in supported.items():
-            got = cfg.get(key, want)
-            if (set(got) if isinstance(got, list) else {got}) != {want}:
-                raise LofiError(MODEL_LOAD_FAILED, f"{where}: {key}={got!r} is not supported "
-                                f"(only {want!r}, as in ACE-Step's music_dcae_f8c8)")
-        try:
-            enc = tuple(int(c) for c in cfg["encoder_block_out_channels"])
-            dec = tuple(int(c) for c in cfg["decoder_block_out_channels"])
-            c = cls(
-                in_channels=int(cfg["in_channels"]), latent_channels=int(cfg["latent_channels"]),
-                attention_head_dim=int(cfg["attention_head_dim"]),
-                encoder_block_types=_per_stage(cfg["encoder_block_types"], len(enc)),
-                decoder_block_types=_per_stage(cfg["decoder_block_types"], len(dec)),
-                encoder_block_out_channels=enc, decoder_block_out_channels=dec,
-                encoder_layers_per_block=tuple(int(n) for n in _per_stage(cfg["encoder_layers_per_block"], len(enc))),
-                decoder_layers_per_block=tuple(int(n) for n in _per_stage(cfg["decoder_layers_per_block"], len(dec))),
-                encoder_qkv_multiscales=tuple(tuple(int(k) for k in ks) for ks in
-                                              _per_stage(cfg["encoder_qkv_multiscales"], len(enc))),
-                decoder_qkv_multiscales=tuple(tuple(int(k) for k in ks) for ks in
-                                              _per_stage(cfg["decoder_qkv_multiscales"], len(dec))))
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: bad or missing key: {e}") from e
-        for t in c.encoder_block_types + c.decoder_block_types:
-            if t not in BLOCK_TYPES:
-                raise LofiError(MODEL_LOAD_FAILED, f"{where}: block type {t!r} not supported")
-        return c
 
 
 def repeat_channels(x, n: int):

@@ -16,7 +16,6 @@ cross-attention.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,68 +23,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lofi_cuda.tables import TIME_CHANNELS, time_frequencies
 from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.configs import DIT_CLIP as CLIP
+from lofi_mlx.configs import DIT_ERG_BLOCKS as ERG_BLOCKS
+from lofi_mlx.configs import DIT_ERG_SCALE as ERG_SCALE  # noqa: F401  (used by the tests/exporter)
+from lofi_mlx.configs import DIT_GROUPS as GROUPS
+from lofi_mlx.configs import DIT_UNUSED_PARTS as UNUSED_PARTS
+from lofi_mlx.configs import DIT_UNUSED_PREFIXES as UNUSED_PREFIXES
+from lofi_mlx.configs import DiTConfig
+from lofi_mlx.tables import TIME_CHANNELS, time_frequencies
 
 from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 from .lyric_encoder import LyricEncoder, LyricEncoderConfig
-
-ERG_BLOCKS = frozenset(range(15, 20))
-ERG_SCALE = 0.01
-GROUPS = 32
-CLIP = 65504.0  # the reference clips self-attention output to the fp16 range
-
-# Checkpoint keys with no use at inference: SSL/REPA training heads and the cross-attention's
-# joint-attention projections, which only switch code paths in the reference and never run.
-UNUSED_PREFIXES = ("projectors.",)
-UNUSED_PARTS = (".cross_attn.add_q_proj.", ".cross_attn.add_k_proj.", ".cross_attn.add_v_proj.",
-                ".cross_attn.to_add_out.")
-
-
-@dataclass
-class DiTConfig:
-    in_channels: int = 8
-    out_channels: int = 8
-    num_layers: int = 24
-    num_heads: int = 20
-    head_dim: int = 128
-    mlp_ratio: float = 2.5
-    rope_theta: float = 1e6
-    speaker_dim: int = 512
-    text_dim: int = 768
-    lyric_vocab: int = 6693
-    lyric_hidden: int = 1024
-    patch_height: int = 16
-    patch_hidden: int = 2048  # PatchEmbed's inner width, hard-coded in the reference
-    norm_eps: float = 1e-6
-
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim  # config's inner_dim is ignored, like the reference
-
-    @property
-    def ffn_hidden(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "DiTConfig":
-        try:
-            ph, pw = (int(v) for v in cfg.get("patch_size", (16, 1)))
-            c = cls(in_channels=int(cfg["in_channels"]), out_channels=int(cfg["out_channels"]),
-                    num_layers=int(cfg["num_layers"]), num_heads=int(cfg["num_attention_heads"]),
-                    head_dim=int(cfg["attention_head_dim"]), mlp_ratio=float(cfg["mlp_ratio"]),
-                    rope_theta=float(cfg["rope_theta"]), speaker_dim=int(cfg["speaker_embedding_dim"]),
-                    text_dim=int(cfg["text_embedding_dim"]),
-                    lyric_vocab=int(cfg["lyric_encoder_vocab_size"]),
-                    lyric_hidden=int(cfg["lyric_hidden_size"]), patch_height=ph)
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"transformer config.json: bad or missing key {e}") from e
-        if pw != 1:
-            raise LofiError(MODEL_LOAD_FAILED, f"transformer config.json: patch_size {[ph, pw]} "
-                            "is not supported (only width 1)")
-        return c
-
 
 def apply_rope(x, cos, sin):
     """x [B, N, H, d]; cos/sin [N, d] fp32. Pairs (2i, 2i+1) rotate, each element at its own

@@ -9,50 +9,16 @@ inputs (`lofi_cuda.tables.relative_positions` / `relative_index`).
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.configs import LYRIC_ERG_LAYERS as ERG_LAYERS
+from lofi_mlx.configs import LYRIC_ERG_SCALE as ERG_SCALE
+from lofi_mlx.configs import LYRIC_PREFIX as PREFIX  # noqa: F401  (old name)
+from lofi_mlx.configs import LyricEncoderConfig
 
 from .common import layer_norm
-
-PREFIX = "lyric_encoder."
-ERG_LAYERS = (4, 5)  # `use_erg_lyric` scales linear_q in these blocks
-ERG_SCALE = 0.01
-
-
-@dataclass
-class LyricEncoderConfig:
-    width: int = 1024
-    input_size: int = 1024
-    heads: int = 16
-    ff: int = 4096
-    blocks: int = 6
-    eps: float = 1e-5
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @classmethod
-    def from_weights(cls, weights: dict, prefix: str = PREFIX) -> "LyricEncoderConfig":
-        try:
-            width = int(weights[prefix + "after_norm.weight"].shape[0])
-            input_size = int(weights[prefix + "embed.out.0.weight"].shape[1])
-            heads, head_dim = weights[prefix + "encoders.0.self_attn.pos_bias_u"].shape
-            ff = int(weights[prefix + "encoders.0.feed_forward.w_1.weight"].shape[0])
-        except KeyError as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"lyric encoder weights incomplete: missing {e}") from e
-        pat = re.compile(re.escape(prefix) + r"encoders\.(\d+)\.")
-        blocks = len({m.group(1) for k in weights if (m := pat.match(k))})
-        if heads * head_dim != width:
-            raise LofiError(MODEL_LOAD_FAILED, f"lyric encoder: pos_bias_u {heads}x{head_dim} "
-                            f"does not match width {width}")
-        return cls(width=width, input_size=input_size, heads=int(heads), ff=ff, blocks=blocks)
-
 
 class RelPositionAttention(nn.Module):
     def __init__(self, cfg: LyricEncoderConfig):

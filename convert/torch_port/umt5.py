@@ -15,7 +15,6 @@ fp32 (T5 overflows fp16 there), and attention scores and softmax are fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,38 +22,11 @@ import torch
 from torch import nn
 
 from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.configs import UMT5_ERG_LAYERS as ERG_LAYERS
+from lofi_mlx.configs import UMT5_ERG_TAU as ERG_TAU
+from lofi_mlx.configs import UMT5Config
 
 from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
-
-ERG_TAU = 0.01
-ERG_LAYERS = (8, 10)  # half-open: blocks 8 and 9
-
-
-@dataclass
-class UMT5Config:
-    vocab_size: int = 256384
-    d_model: int = 768
-    d_kv: int = 64
-    num_heads: int = 12
-    d_ff: int = 2048
-    num_layers: int = 12
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "UMT5Config":
-        try:
-            c = cls(**{k: type(getattr(cls, k))(cfg[k]) for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"umt5-base/config.json: bad or missing key {e}") from e
-        if c.feed_forward_proj != "gated-gelu":
-            raise LofiError(MODEL_LOAD_FAILED, f"umt5-base/config.json: feed_forward_proj "
-                            f"{c.feed_forward_proj!r} is not supported (expected 'gated-gelu')")
-        return c
-
 
 def erg_q_scale(num_layers: int, erg: bool = True) -> np.ndarray:
     lo, hi = ERG_LAYERS

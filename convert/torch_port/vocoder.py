@@ -11,7 +11,6 @@ are fp32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,48 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.configs import VocoderConfig
 
 from .common import drop_keys, fold_weight_norm, layer_norm, load_strict, meta_init, run_dtype
-
-
-@dataclass
-class VocoderConfig:
-    input_channels: int = 128
-    depths: list = field(default_factory=lambda: [3, 3, 9, 3])
-    dims: list = field(default_factory=lambda: [128, 256, 384, 512])
-    kernel_sizes: list = field(default_factory=lambda: [7])
-    num_mels: int = 512
-    upsample_initial_channel: int = 1024
-    upsample_rates: list = field(default_factory=lambda: [4, 4, 2, 2, 2, 2, 2])
-    upsample_kernel_sizes: list = field(default_factory=lambda: [8, 8, 4, 4, 4, 4, 4])
-    resblock_kernel_sizes: list = field(default_factory=lambda: [3, 7, 11, 13])
-    resblock_dilation_sizes: list = field(default_factory=lambda: [[1, 3, 5]] * 4)
-    pre_conv_kernel_size: int = 13
-    post_conv_kernel_size: int = 13
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "VocoderConfig":
-        where = "music_vocoder/config.json"
-        try:
-            c = cls(input_channels=int(cfg["input_channels"]), depths=[int(d) for d in cfg["depths"]],
-                    dims=[int(d) for d in cfg["dims"]],
-                    kernel_sizes=[int(k) for k in cfg.get("kernel_sizes", [7])],
-                    num_mels=int(cfg["num_mels"]),
-                    upsample_initial_channel=int(cfg["upsample_initial_channel"]),
-                    upsample_rates=[int(r) for r in cfg["upsample_rates"]],
-                    upsample_kernel_sizes=[int(k) for k in cfg["upsample_kernel_sizes"]],
-                    resblock_kernel_sizes=[int(k) for k in cfg["resblock_kernel_sizes"]],
-                    resblock_dilation_sizes=[[int(d) for d in ds] for ds in cfg["resblock_dilation_sizes"]],
-                    pre_conv_kernel_size=int(cfg.get("pre_conv_kernel_size", 13)),
-                    post_conv_kernel_size=int(cfg.get("post_conv_kernel_size", 13)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: bad or missing key {e}") from e
-        if cfg.get("use_template", False):
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: use_template=true is not supported")
-        if c.dims[-1] != c.num_mels or len(c.depths) != len(c.dims) or len(set(c.kernel_sizes)) != 1:
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: inconsistent dims/depths/num_mels/kernel_sizes")
-        return c
 
 
 class Conv(nn.Module):

@@ -11,130 +11,23 @@ multiscale linear attention (its input is upcast, sums and the division run in f
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import component_dir, load_component
+from ..configs import DCAE_ATTN_EPS as ATTN_EPS
+from ..configs import DCAE_BLOCK_TYPES as BLOCK_TYPES  # noqa: F401  (old name)
+from ..configs import DCAE_MEL_MAX as MEL_MAX
+from ..configs import DCAE_MEL_MIN as MEL_MIN
+from ..configs import DCAE_NORM_EPS as NORM_EPS
+from ..configs import DCAE_PARTS as PARTS
+from ..configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
+from ..configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
+from ..configs import DCAEConfig
 from ..errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from ..mlxrt import mx, nn
 from .common import DTYPES, drop_keys, load_strict, rms_norm, silu
-
-# ACE-Step's own latent and mel constants (music_dcae_pipeline.py); config's scaling_factor
-# is not used.
-SCALE_FACTOR = 0.1786
-SHIFT_FACTOR = -1.9091
-MEL_MIN, MEL_MAX = -11.0, 3.0
-NORM_EPS = 1e-5
-ATTN_EPS = 1e-15
-PARTS = ("decoder", "encoder")
-BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
-
-
-def _per_stage(value, n: int, key: str) -> tuple:
-    """diffusers accepts a single value or one per stage."""
-    if isinstance(value, (str, int)):
-        return (value,) * n
-    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    if len(value) != n:
-        raise LofiError(MODEL_LOAD_FAILED, f"music_dcae_f8c8/config.json: {key} has {len(value)} "
-                        f"entries for {n} stages")
-    return value
-
-
-@dataclass
-class DCAEConfig:
-    in_channels: int = 2
-    latent_channels: int = 8
-    attention_head_dim: int = 32
-    encoder_block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",)
-    decoder_block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",)
-    encoder_block_out_channels: tuple = (128, 256, 512, 1024)
-    decoder_block_out_channels: tuple = (128, 256, 512, 1024)
-    encoder_layers_per_block: tuple = (2, 2, 3, 3)
-    decoder_layers_per_block: tuple = (3, 3, 3, 3)
-    encoder_qkv_multiscales: tuple = ((), (), (5,), (5,))
-    decoder_qkv_multiscales: tuple = ((), (), (5,), (5,))
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "DCAEConfig":
-        where = "music_dcae_f8c8/config.json"
-
-        def need(key):
-            if key not in cfg:
-                raise LofiError(MODEL_LOAD_FAILED, f"{where}: missing key {key!r}")
-            return cfg[key]
-
-        # Variants this port does not implement: fail loudly rather than compute something else.
-        # diffusers' defaults for the two block types differ from ACE-Step's, so those are required.
-        supported = {"downsample_block_type": ("Conv", None),
-                     "upsample_block_type": ("interpolate", None),
-                     "encoder_out_shortcut": (True, True), "decoder_in_shortcut": (True, True),
-                     "decoder_norm_types": ("rms_norm", "rms_norm"),
-                     "decoder_act_fns": ("silu", "silu"),
-                     "_class_name": ("AutoencoderDC", "AutoencoderDC")}
-        for key, (want, default) in supported.items():
-            got = need(key) if default is None else cfg.get(key, default)
-            if any(g != want for g in (got if isinstance(got, list) else [got])):
-                raise LofiError(MODEL_LOAD_FAILED, f"{where}: {key}={got!r} is not supported "
-                                f"(only {want!r}, as in ACE-Step's music_dcae_f8c8)")
-
-        def staged(key, n, conv):
-            return tuple(conv(v) for v in _per_stage(need(key), n, key))
-
-        def kernels(ks):
-            return tuple(int(k) for k in ks)
-
-        try:
-            enc = tuple(int(c) for c in need("encoder_block_out_channels"))
-            dec = tuple(int(c) for c in need("decoder_block_out_channels"))
-            c = cls(
-                in_channels=int(need("in_channels")),
-                latent_channels=int(need("latent_channels")),
-                attention_head_dim=int(need("attention_head_dim")),
-                encoder_block_types=staged("encoder_block_types", len(enc), str),
-                decoder_block_types=staged("decoder_block_types", len(dec), str),
-                encoder_block_out_channels=enc,
-                decoder_block_out_channels=dec,
-                encoder_layers_per_block=staged("encoder_layers_per_block", len(enc), int),
-                decoder_layers_per_block=staged("decoder_layers_per_block", len(dec), int),
-                encoder_qkv_multiscales=staged("encoder_qkv_multiscales", len(enc), kernels),
-                decoder_qkv_multiscales=staged("decoder_qkv_multiscales", len(dec), kernels),
-            )
-        except (TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: malformed value: {e}") from e
-        c._validate(where)
-        return c
-
-    def _validate(self, where: str):
-        def bad(msg):
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: {msg}")
-
-        for side in ("encoder", "decoder"):
-            ch = getattr(self, f"{side}_block_out_channels")
-            types = getattr(self, f"{side}_block_types")
-            layers = getattr(self, f"{side}_layers_per_block")
-            for t in types:
-                if t not in BLOCK_TYPES:
-                    bad(f"{side}_block_types entry {t!r} not supported (only {BLOCK_TYPES})")
-            if any(n <= 0 for n in layers):
-                bad(f"{side}_layers_per_block {layers} has an empty stage (not supported)")
-            for i, (c, t) in enumerate(zip(ch, types)):
-                if t == "EfficientViTBlock":
-                    if c % self.attention_head_dim:
-                        bad(f"{side} stage {i}: {c} channels not a multiple of attention_head_dim "
-                            f"{self.attention_head_dim}")
-                    ks = getattr(self, f"{side}_qkv_multiscales")[i]
-                    if any(k % 2 == 0 for k in ks):
-                        bad(f"{side}_qkv_multiscales {ks}: even kernels not supported")
-            for lo, hi in zip(ch[:-1], ch[1:]):
-                # Down(lo->hi) averages groups of 4*lo/hi channels; Up(hi->lo) repeats 4*lo/hi times
-                if (lo * 4) % hi:
-                    bad(f"{side} channels {lo}<->{hi}: no whole channel-repeat/group factor")
-            if ch[-1] % self.latent_channels:
-                bad(f"{side} last stage {ch[-1]} channels not a multiple of latent_channels")
-
 
 # ---------------------------------------------------------------------------------------------
 # layout helpers (NHWC)

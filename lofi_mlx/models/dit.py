@@ -12,107 +12,43 @@ masks nothing in cross-attention.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache, partial, wraps
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import component_dir, load_component
-from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from ..configs import DIT_CLIP as CLIP
+from ..configs import DIT_ERG_BLOCKS as ERG_BLOCKS
+from ..configs import DIT_ERG_SCALE as ERG_SCALE
+from ..configs import DIT_GROUPS as GROUPS
+from ..configs import DIT_UNUSED_PARTS as UNUSED_PARTS
+from ..configs import DIT_UNUSED_PREFIXES as UNUSED_PREFIXES
+from ..configs import DiTConfig
+from ..errors import INVALID_PARAMS, LofiError
 from ..mlxrt import mx, nn
+from ..tables import TIME_CHANNELS, time_frequencies
+from ..tables import rope_tables as numpy_rope_tables
 from .common import DTYPES, drop_keys, exp_f32, fused, load_strict, rms_norm, silu_f32
 from .lyric_encoder import LyricEncoder, LyricEncoderConfig
-
-ERG_BLOCKS = frozenset(range(15, 20))  # `use_erg_diffusion` scales to_q of these blocks
-ERG_SCALE = 0.01
-TIME_CHANNELS = 256
-GROUPS = 32
-CLIP = 65504.0  # the reference clips self-attention output to the fp16 range
-
-# Checkpoint keys with no use at inference: SSL/REPA training heads and the cross-attention's
-# joint-attention projections, which only switch code paths in the reference and never run.
-UNUSED_PREFIXES = ("projectors.",)
-UNUSED_PARTS = (".cross_attn.add_q_proj.", ".cross_attn.add_k_proj.", ".cross_attn.add_v_proj.",
-                ".cross_attn.to_add_out.")
-
-
-@dataclass
-class DiTConfig:
-    in_channels: int = 8
-    out_channels: int = 8
-    num_layers: int = 24
-    num_heads: int = 20
-    head_dim: int = 128
-    mlp_ratio: float = 2.5
-    rope_theta: float = 1e6
-    speaker_dim: int = 512
-    text_dim: int = 768
-    lyric_vocab: int = 6693
-    lyric_hidden: int = 1024
-    patch_height: int = 16
-    patch_hidden: int = 2048  # PatchEmbed's inner width, hard-coded in the reference
-    norm_eps: float = 1e-6
-
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim  # the config's inner_dim is ignored, like the reference
-
-    @property
-    def ffn_hidden(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "DiTConfig":
-        try:
-            ph, pw = (int(v) for v in cfg.get("patch_size", (16, 1)))
-            c = cls(in_channels=int(cfg["in_channels"]), out_channels=int(cfg["out_channels"]),
-                    num_layers=int(cfg["num_layers"]), num_heads=int(cfg["num_attention_heads"]),
-                    head_dim=int(cfg["attention_head_dim"]), mlp_ratio=float(cfg["mlp_ratio"]),
-                    rope_theta=float(cfg["rope_theta"]),
-                    speaker_dim=int(cfg["speaker_embedding_dim"]),
-                    text_dim=int(cfg["text_embedding_dim"]),
-                    lyric_vocab=int(cfg["lyric_encoder_vocab_size"]),
-                    lyric_hidden=int(cfg["lyric_hidden_size"]), patch_height=ph)
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"transformer config.json: bad or missing key {e}") from e
-        if pw != 1:
-            raise LofiError(MODEL_LOAD_FAILED, f"transformer config.json: patch_size {[ph, pw]} "
-                            "is not supported (only width 1)")
-        if c.head_dim % 2:
-            raise LofiError(MODEL_LOAD_FAILED, "transformer config.json: odd attention_head_dim")
-        return c
 
 
 # ---------------------------------------------------------------------------------------------
 # fp32 tables
 
-def _f32(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).astype(np.float32)
-
-
 @lru_cache(maxsize=16)
 def rope_tables(n: int, head_dim: int, theta: float, dtype_name: str = "fp32"):
-    """cos/sin `[n, head_dim]` for positions 0..n-1; element j uses frequency f_(j mod head_dim/2).
-
-    Built in fp32 like the reference buffers, then rounded to the run dtype (the reference casts
-    its buffers with the model) and kept in fp32 for the rotation arithmetic.
-    """
-    expo = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
-    inv = _f32(1.0 / _f32(np.float64(np.float32(theta)) ** expo.astype(np.float64)).astype(np.float64))
-    ang = np.arange(n, dtype=np.float32)[:, None] * inv[None]          # fp32 product, as torch.outer
-    ang = np.concatenate([ang, ang], axis=-1).astype(np.float64)
+    """cos/sin `[n, head_dim]` for positions 0..n-1 (`lofi_mlx.tables.rope_tables`), built in fp32
+    like the reference buffers, rounded to the run dtype (the reference casts its buffers with the
+    model) and kept in fp32 for the rotation arithmetic."""
     dt = DTYPES[dtype_name]
-    cos = mx.array(_f32(np.cos(ang))).astype(dt).astype(mx.float32)
-    sin = mx.array(_f32(np.sin(ang))).astype(dt).astype(mx.float32)
-    return cos, sin
+    return tuple(mx.array(t).astype(dt).astype(mx.float32)
+                 for t in numpy_rope_tables(n, head_dim, theta))
 
 
 @lru_cache(maxsize=1)
 def _time_freqs(channels: int = TIME_CHANNELS):
-    half = channels // 2
-    expo = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    return mx.array(_f32(np.exp(expo.astype(np.float64))))
+    return mx.array(time_frequencies(channels))
 
 
 def timestep_sinusoid(t) -> mx.array:

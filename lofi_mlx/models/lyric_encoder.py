@@ -8,59 +8,16 @@ config.json), so `LyricEncoderConfig.from_weights` reads them from the weight sh
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MODEL_LOAD_FAILED, LofiError
+from ..configs import LYRIC_ERG_LAYERS as ERG_LAYERS
+from ..configs import LYRIC_ERG_SCALE as ERG_SCALE
+from ..configs import LYRIC_PREFIX as PREFIX  # noqa: F401  (old name)
+from ..configs import LyricEncoderConfig
 from ..mlxrt import mx, nn
+from ..tables import relative_positions
 from .common import layer_norm
-
-PREFIX = "lyric_encoder."
-ERG_LAYERS = (4, 5)  # `use_erg_lyric` scales linear_q in these blocks
-ERG_SCALE = 0.01
-
-
-@dataclass
-class LyricEncoderConfig:
-    width: int = 1024
-    input_size: int = 1024  # lyric_embs width (config `lyric_hidden_size`)
-    heads: int = 16
-    ff: int = 4096
-    blocks: int = 6
-    eps: float = 1e-5
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @classmethod
-    def from_weights(cls, weights: dict, prefix: str = PREFIX) -> "LyricEncoderConfig":
-        try:
-            width = int(weights[prefix + "after_norm.weight"].shape[0])
-            input_size = int(weights[prefix + "embed.out.0.weight"].shape[1])
-            heads, head_dim = weights[prefix + "encoders.0.self_attn.pos_bias_u"].shape
-            ff = int(weights[prefix + "encoders.0.feed_forward.w_1.weight"].shape[0])
-        except KeyError as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"lyric encoder weights incomplete: missing {e}") from e
-        pat = re.compile(re.escape(prefix) + r"encoders\.(\d+)\.")
-        blocks = len({m.group(1) for k in weights if (m := pat.match(k))})
-        if heads * head_dim != width:
-            raise LofiError(MODEL_LOAD_FAILED, f"lyric encoder: pos_bias_u {heads}x{head_dim} "
-                            f"does not match width {width}")
-        return cls(width=width, input_size=input_size, heads=int(heads), ff=ff, blocks=blocks)
-
-
-def relative_positions(n: int, width: int) -> np.ndarray:
-    """Sinusoids for relative positions n-1 ... -(n-1) (row k holds r = n-1-k), fp32 like the reference."""
-    r = np.arange(n - 1, -n, -1, dtype=np.float32)[:, None]
-    omega = np.exp(np.arange(0, width, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / width))
-    ang = (r * omega[None]).astype(np.float32)
-    pe = np.empty((2 * n - 1, width), np.float32)
-    pe[:, 0::2] = np.sin(ang)
-    pe[:, 1::2] = np.cos(ang)
-    return pe
 
 
 class RelPositionAttention(nn.Module):

@@ -15,64 +15,23 @@ reference's own fp16 run would be.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import component_dir, load_component
-from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from ..configs import UMT5_ERG_LAYERS as ERG_LAYERS
+from ..configs import UMT5_ERG_TAU as ERG_TAU
+from ..configs import UMT5Config
+from ..errors import INVALID_PARAMS, LofiError
 from ..mlxrt import mx, nn
+from ..tables import t5_buckets as relative_buckets
 from .common import DTYPES, drop_keys, load_strict, rms_norm
-
-ERG_TAU = 0.01
-ERG_LAYERS = (8, 10)  # half-open: blocks 8 and 9
-
-
-@dataclass
-class UMT5Config:
-    vocab_size: int = 256384
-    d_model: int = 768
-    d_kv: int = 64
-    num_heads: int = 12
-    d_ff: int = 2048
-    num_layers: int = 12
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "UMT5Config":
-        try:
-            c = cls(**{k: type(getattr(cls, k))(cfg[k]) for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"umt5-base/config.json: bad or missing key {e}") from e
-        if c.feed_forward_proj != "gated-gelu":
-            raise LofiError(MODEL_LOAD_FAILED, f"umt5-base/config.json: feed_forward_proj "
-                            f"{c.feed_forward_proj!r} is not supported (expected 'gated-gelu')")
-        return c
-
 
 def erg_q_scale(num_layers: int, tau: float = ERG_TAU) -> list[float]:
     """Per-block q multipliers of the ERG "null" text embedding: tau on blocks 8 and 9."""
     lo, hi = ERG_LAYERS
     return [tau if lo <= i < hi else 1.0 for i in range(num_layers)]
-
-
-def relative_buckets(n: int, num_buckets: int, max_distance: int) -> np.ndarray:
-    """Bidirectional T5 bucket of (key - query) for an n x n attention map, int [n, n]."""
-    pos = np.arange(n)
-    rel = pos[None, :] - pos[:, None]
-    half = num_buckets // 2
-    exact = half // 2
-    a = np.abs(rel)
-    # fp32 log and truncation toward zero, as the reference does.
-    with np.errstate(divide="ignore"):
-        large = np.log(a.astype(np.float32) / np.float32(exact)) / np.float32(
-            math.log(max_distance / exact)) * np.float32(half - exact)
-    large = np.minimum(exact + np.trunc(np.where(a < exact, 0, large)).astype(np.int64), half - 1)
-    return np.where(rel > 0, half, 0) + np.where(a < exact, a, large)
 
 
 class T5Norm(nn.Module):

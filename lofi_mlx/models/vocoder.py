@@ -19,81 +19,17 @@ workspace in one pass; `Vocoder.decode` runs overlapping windows with an exact h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import component_dir, load_component
-from ..errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from ..configs import VocoderConfig
+from ..errors import INVALID_PARAMS, LofiError
 from ..mlxrt import mx, nn
 from .common import DTYPES, drop_keys, fold_weight_norm, gelu, layer_norm, load_strict, silu
 
 F32 = mx.float32
-
-
-@dataclass
-class VocoderConfig:
-    input_channels: int = 128
-    depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])
-    dims: list[int] = field(default_factory=lambda: [128, 256, 384, 512])
-    kernel_sizes: list[int] = field(default_factory=lambda: [7])
-    num_mels: int = 512
-    upsample_initial_channel: int = 1024
-    upsample_rates: list[int] = field(default_factory=lambda: [4, 4, 2, 2, 2, 2, 2])
-    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [8, 8, 4, 4, 4, 4, 4])
-    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11, 13])
-    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5]] * 4)
-    pre_conv_kernel_size: int = 13
-    post_conv_kernel_size: int = 13
-    use_template: bool = False
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "VocoderConfig":
-        where = "music_vocoder/config.json"
-        try:
-            c = cls(
-                input_channels=int(cfg["input_channels"]),
-                depths=[int(d) for d in cfg["depths"]],
-                dims=[int(d) for d in cfg["dims"]],
-                kernel_sizes=[int(k) for k in cfg.get("kernel_sizes", [7])],
-                num_mels=int(cfg["num_mels"]),
-                upsample_initial_channel=int(cfg["upsample_initial_channel"]),
-                upsample_rates=[int(r) for r in cfg["upsample_rates"]],
-                upsample_kernel_sizes=[int(k) for k in cfg["upsample_kernel_sizes"]],
-                resblock_kernel_sizes=[int(k) for k in cfg["resblock_kernel_sizes"]],
-                resblock_dilation_sizes=[[int(d) for d in ds] for ds in cfg["resblock_dilation_sizes"]],
-                pre_conv_kernel_size=int(cfg.get("pre_conv_kernel_size", 13)),
-                post_conv_kernel_size=int(cfg.get("post_conv_kernel_size", 13)),
-                use_template=bool(cfg.get("use_template", False)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: bad or missing key {e}") from e
-        problems = []
-        if len(c.depths) != len(c.dims):
-            problems.append("depths and dims differ in length")
-        if c.dims and c.dims[-1] != c.num_mels:
-            problems.append(f"num_mels {c.num_mels} != last of dims {c.dims[-1]}")
-        if len(c.upsample_rates) != len(c.upsample_kernel_sizes):
-            problems.append("upsample_rates and upsample_kernel_sizes differ in length")
-        if len(c.resblock_kernel_sizes) != len(c.resblock_dilation_sizes):
-            problems.append("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
-        if any((k - r) % 2 or k < r for k, r in zip(c.upsample_kernel_sizes, c.upsample_rates)):
-            problems.append("an upsample kernel is shorter than its rate or differs from it by an odd count")
-        odd = c.resblock_kernel_sizes + [c.pre_conv_kernel_size, c.post_conv_kernel_size]
-        if any(k % 2 == 0 for k in odd):
-            problems.append("conv kernel sizes must be odd")
-        if c.use_template:
-            problems.append("use_template=true (noise convs) is not supported")
-        if set(c.kernel_sizes) != {7}:
-            problems.append(f"kernel_sizes {c.kernel_sizes} (only [7] is supported)")
-        if problems:
-            raise LofiError(MODEL_LOAD_FAILED, f"{where}: " + "; ".join(problems))
-        return c
-
-    @property
-    def hop(self) -> int:
-        return int(np.prod(self.upsample_rates))
 
 
 def _to(x, dtype):
