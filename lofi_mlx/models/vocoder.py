@@ -6,6 +6,11 @@ channels-last `[B, L, C]` (its 1x1 convs are Linears); the HiFi-GAN head runs ch
 `[B, C, L]`, every conv as im2col + one GEMM with time as the long axis (`conv_cf`). The log-mel front end of the checkpoint
 (`mel_transform.*`) is recomputed in numpy by `lofi_mlx.audio.log_mel`.
 
+CPU speed (full size, 10 s stereo: ~17.4-19 s -> ~15.3 s, measured): bias + SiLU + residual add
+(+ the ResBlock mean) fused into one pass after each GEMM, a cheaper exp rounding in SiLU, one
+merged im2col for the ResBlocks' first convs on narrow levels, and the batch halves (stereo
+channels) on two streams so single-threaded elementwise work overlaps the BLAS calls.
+
 Half precision (fp16/bf16): the backbone's and the HiFi-GAN's residual streams are not
 normalised and grow along the network, so they are carried in fp32; every convolution and
 linear reads its input cast to the run dtype and its result is widened back to fp32 before the
@@ -19,6 +24,7 @@ workspace in one pass; `Vocoder.decode` runs overlapping windows with an exact h
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +33,77 @@ from ..checkpoint import component_dir, load_component
 from ..configs import VocoderConfig
 from ..errors import INVALID_PARAMS, LofiError
 from ..mlxrt import mx, nn
-from .common import DTYPES, drop_keys, fold_weight_norm, gelu, layer_norm, load_strict, silu
+from .common import DTYPES, drop_keys, fold_weight_norm, fused, gelu, layer_norm, load_strict, silu_f32
 
 F32 = mx.float32
 
 
 def _to(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06
+_ROUND = 12582912.0  # 1.5·2^23: adding it to |v| < 2^22 in fp32 rounds v to an integer
+
+
+def _silu_cpu(x):
+    """fp32 SiLU x / (1 + e^−x), e^z = 2^n · e^r by a degree-8 Taylor polynomial (the scheme
+    of `common.exp_f32`, |rel err| < 2e-7), but n rounded by the 1.5·2^23 trick instead of
+    floor: ~30% faster per element on the CPU, where the HiFi-GAN head spends ~15% of its
+    time in SiLU (measured). Only inside CPU-compiled kernels (no fast-math reassociation)."""
+    z = mx.clip(-x, -87.0, 88.0)
+    n = (z * _LOG2E + _ROUND) - _ROUND
+    r = (z - n * _LN2_HI) - n * _LN2_LO
+    p = r * (1.0 / 40320) + 1.0 / 5040
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        p = p * r + c
+    return x / (1.0 + p * mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
+
+
+def _per_device(fn):
+    """`fn(act, *arrays)` compiled twice: with `_silu_cpu` for the CPU, `common.silu_f32` elsewhere
+    (GPU compilers may reassociate the rounding trick away)."""
+    cpu, other = fused(partial(fn, _silu_cpu)), fused(partial(fn, silu_f32))
+    return lambda *args: (cpu if mx.default_device() == mx.cpu else other)(*args)
+
+
+@_per_device
+def _silu(act, x):
+    return act(_to(x, F32))
+
+
+@_per_device
+def _bias_silu(act, y, b):
+    return act(y.astype(F32) + b.astype(F32)[:, None])
+
+
+@fused
+def _bias_residual(x, y, b):
+    return x + (y.astype(F32) + b.astype(F32)[:, None])
+
+
+@fused
+def _bias_residual_acc(acc, x, y, b, scale):
+    """(acc + x + y + b)·scale: a level's ResBlock sum (and mean) taken in the same pass."""
+    return (acc + (x + (y.astype(F32) + b.astype(F32)[:, None]))) * scale
+
+
+@_per_device
+def _bias_residual_silu(act, x, y, b):
+    """(x + y + b, its SiLU) in one pass: the next conv of a ResBlock reads the SiLU."""
+    x = x + (y.astype(F32) + b.astype(F32)[:, None])
+    return x, act(x)
+
+
+_STREAMS: list = []
+
+
+def _cpu_streams(n: int) -> list:
+    """Extra CPU streams (each its own scheduler thread), made once per process."""
+    while len(_STREAMS) < n:
+        _STREAMS.append(mx.new_stream(mx.cpu))
+    return _STREAMS[:n]
 
 
 def conv_cf(x, w, dilation: int = 1, budget: int = 1 << 26):
@@ -72,12 +142,14 @@ class Conv(nn.Module):
         self.dilation = dilation
         self.padding = dilation * (kernel - 1) // 2 if padding is None else padding
 
-    def forward_cf(self, x):
+    def conv_nobias(self, x):
         x = _to(x, self.weight.dtype)
         if self.padding:
             x = mx.pad(x, [(0, 0), (0, 0), (self.padding, self.padding)])
-        y = conv_cf(x, self.weight, self.dilation)
-        return _to(y, F32) + _to(self.bias, F32)[:, None]
+        return conv_cf(x, self.weight, self.dilation)
+
+    def forward_cf(self, x):
+        return _to(self.conv_nobias(x), F32) + _to(self.bias, F32)[:, None]
 
     def __call__(self, x):
         return self.forward_cf(x.transpose(0, 2, 1)).transpose(0, 2, 1)
@@ -229,11 +301,42 @@ class ResBlock(nn.Module):
         self.convs1 = [Conv(dims, dims, kernel, dilation=d) for d in dilations]
         self.convs2 = [Conv(dims, dims, kernel) for _ in dilations]
 
-    def __call__(self, x):
-        """Channels-first `[B, C, L]`, like the rest of the head."""
-        for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2.forward_cf(silu(c1.forward_cf(silu(x))))
+    def __call__(self, x, silu_x=None, first=None, acc=None, scale=None):
+        """Channels-first `[B, C, L]`, like the rest of the head. `silu_x`: silu(x) if the caller
+        has it (the blocks of one level share their input); `first`: the first conv's output
+        without bias, if the caller computed it. Bias, SiLU and residual add are fused into one
+        pass each after the GEMM. With `acc`, returns (acc + block(x))·scale instead."""
+        s = _silu(x) if silu_x is None else silu_x
+        last = len(self.convs1) - 1
+        for i, (c1, c2) in enumerate(zip(self.convs1, self.convs2)):
+            y = first if i == 0 and first is not None else c1.conv_nobias(s)
+            h = _bias_silu(y, c1.bias)
+            if i < last:
+                x, s = _bias_residual_silu(x, c2.conv_nobias(h), c2.bias)
+            elif acc is not None:
+                x = _bias_residual_acc(acc, x, c2.conv_nobias(h), c2.bias, scale)
+            else:
+                x = _bias_residual(x, c2.conv_nobias(h), c2.bias)
         return x
+
+
+def _shared_first_convs(blocks, sx, max_channels: int = 64):
+    """The blocks' first convs all read `sx` with dilation 1; on narrow levels (memory-bound:
+    the im2col copy costs more than the GEMM) run them as one conv whose kernels are
+    zero-padded to the longest: one im2col of Kmax taps instead of ΣK. Else [None, ...]."""
+    convs = [rb.convs1[0] for rb in blocks]
+    kmax = max(c.weight.shape[1] for c in convs)
+    if (sx.shape[1] > max_channels or len(convs) < 2 or any(c.dilation != 1 for c in convs)
+            or any((kmax - c.weight.shape[1]) % 2 for c in convs)):
+        return [None] * len(blocks)
+    ws = []
+    for c in convs:
+        e = (kmax - c.weight.shape[1]) // 2
+        ws.append(mx.pad(c.weight, [(0, 0), (e, e), (0, 0)]) if e else c.weight)
+    merged = Conv(sx.shape[1], len(convs) * sx.shape[1], kmax)
+    merged.weight = mx.concatenate(ws, axis=0)
+    y = merged.conv_nobias(sx)
+    return mx.split(y, len(convs), axis=1)
 
 
 class Head(nn.Module):
@@ -252,21 +355,39 @@ class Head(nn.Module):
 
     def __call__(self, x, taps: dict | None = None):
         """Backbone features `[B, F, C]` (channels-last) -> `[B, 1, hop·F]`. Runs channels-first
-        (`conv_cf`); taps are stored channels-last."""
+        (`conv_cf`); taps are stored channels-last.
+
+        On the CPU a batch (the stereo pair) is split in two halves run on two streams: MLX's
+        elementwise ops (SiLU, im2col copies) are single-threaded, so one half's copies overlap
+        the other half's BLAS calls (~15% faster on small-channel levels, measured)."""
+        b = x.shape[0]
+        if taps is None and b > 1 and mx.default_device() == mx.cpu:
+            h = b // 2
+            outs = []
+            for part, stream in zip((x[:h], x[h:]), _cpu_streams(2)):
+                with mx.stream(stream):
+                    outs.append(self._run(part))
+            return mx.concatenate(outs, axis=0)
+        return self._run(x, taps)
+
+    def _run(self, x, taps: dict | None = None):
         x = self.conv_pre.forward_cf(x.transpose(0, 2, 1))
         if taps is not None:
             taps["head.conv_pre"] = x.transpose(0, 2, 1)
         n = len(self.resblocks) // len(self.ups)
         for u, up in enumerate(self.ups):
-            x = up.forward_cf(silu(x))
+            x = up.forward_cf(_silu(x))
             if taps is not None:
                 taps[f"head.ups.{u}"] = x.transpose(0, 2, 1)
             blocks = self.resblocks[u * n:(u + 1) * n]
-            acc = blocks[0](x)
-            for rb in blocks[1:]:
-                acc = acc + rb(x)
-            x = acc / n
-        return mx.tanh(self.conv_post.forward_cf(silu(x)))
+            sx = _silu(x)
+            firsts = _shared_first_convs(blocks, sx)
+            acc = blocks[0](x, sx, firsts[0])
+            one, mean = mx.array(1.0, F32), mx.array(1.0 / n, F32)
+            for i, (rb, f) in enumerate(zip(blocks[1:], firsts[1:]), 2):
+                acc = rb(x, sx, f, acc, mean if i == n else one)
+            x = acc
+        return mx.tanh(self.conv_post.forward_cf(_silu(x)))
 
 
 class Vocoder(nn.Module):
