@@ -16,6 +16,8 @@ from tests.daemon_util import CHECKPOINT, Daemon, make_home, staging_files, trac
 pytest.importorskip("mlx.core")
 
 REQ = {"prompt": "lofi hip hop, jazzy piano, vinyl crackle", "duration_sec": 5, "infer_steps": 2}
+# long enough on the fast tiny model for many pings and several progress events (<= 4 a second)
+REQ_LONG = dict(REQ, infer_steps=12)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def wait_step(d, tid, step=1, timeout=120):
 
 def test_generate_progress_complete_and_cached(daemon, home):
     t = time.monotonic()
-    res = daemon.call("generate", dict(REQ, seed=1234))
+    res = daemon.call("generate", dict(REQ_LONG, seed=1234))
     assert time.monotonic() - t < 0.5
     assert res["status"] == "queued" and res["seed"] == 1234
     tid = res["track_id"]
@@ -70,10 +72,10 @@ def test_generate_progress_complete_and_cached(daemon, home):
     assert np.all(np.isfinite(data)) and 0 < np.abs(data).max() <= 1.0
     assert done["sample_rate"] == 48000 and done["duration_sec"] == 5.0
     assert (done["engine"], done["device"], done["precision"]) == ("mlx", "cpu", "fp32")
-    assert done["model_version"] == "ace-step-v1-3.5b" and done["infer_steps"] == 2
+    assert done["model_version"] == "ace-step-v1-3.5b" and done["infer_steps"] == 12
 
     n = len(daemon.lines)
-    again = daemon.call("generate", dict(REQ, seed=1234))
+    again = daemon.call("generate", dict(REQ_LONG, seed=1234))
     assert again == {"track_id": tid, "status": "cached", "position": 0, "seed": 1234}
     cached = daemon.wait_for(lambda m: m.get("method") == "generation_complete", 5, start=n)["params"]
     assert cached["cached"] is True and cached["path"] == done["path"]
@@ -169,12 +171,12 @@ def test_settings_reach_the_engine(tmp_path, daemon):
     env = {"LOFI_PRECISION": "fp16", "LOFI_FORMAT": "flac", "LOFI_ENGINE": "mlx", "LOFI_DEVICE": "cpu",
            "LOFI_THREADS": "1"}
     with Daemon(home, env=env) as d:
-        res = d.call("generate", dict(REQ, seed=1234))
+        res = d.call("generate", dict(REQ_LONG, seed=1234))
         kind, done = d.end(res["track_id"], timeout=120)
         assert kind == "complete", done
         assert (done["precision"], done["format"], done["device"]) == ("fp16", "flac", "cpu")
         info = sf.info(done["path"])
         assert done["path"].endswith(".flac") and info.format == "FLAC"
         assert (info.samplerate, info.channels, info.frames) == (48000, 2, 5 * 48000)
-    fp32 = daemon.call("generate", dict(REQ, seed=1234))  # the module daemon's fp32 track
+    fp32 = daemon.call("generate", dict(REQ_LONG, seed=1234))  # the module daemon's fp32 track
     assert fp32["status"] == "cached" and fp32["track_id"] != res["track_id"]
