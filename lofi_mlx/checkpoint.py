@@ -141,3 +141,21 @@ def load_component(root: str | Path, component: str) -> tuple[dict, dict[str, np
     for f in weight_files(component_dir(root, component)):
         weights.update(load_safetensors(f))
     return cfg, weights
+
+
+def check_weights(expected: dict[str, tuple], weights: dict, source: str) -> None:
+    """A network's parameter shapes against mapped weights: any missing, unexpected or
+    mis-shaped key is MODEL_LOAD_FAILED naming it (shared by the MLX and torch loaders)."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise LofiError(MODEL_LOAD_FAILED, f"{source}: weights do not match the model: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != tuple(shape):
+            raise LofiError(MODEL_LOAD_FAILED, f"{source}: {k} has shape {list(weights[k].shape)}, "
+                            f"the model expects {list(shape)}")

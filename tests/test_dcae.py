@@ -5,6 +5,7 @@ from lofi_mlx.checkpoint import load_component
 from lofi_mlx.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.models import dcae
+from lofi_mlx.synthetic import DCAE as DCAE_REAL
 from mlx.utils import tree_flatten
 
 from .conftest import CHECKPOINT, assert_close, golden
@@ -186,18 +187,7 @@ def test_bad_inputs(model):
 
 # --- config -----------------------------------------------------------------------------------
 
-REAL_CONFIG = {  # music_dcae_f8c8/config.json of ACE-Step-v1-3.5B (spec §1.2)
-    "_class_name": "AutoencoderDC", "attention_head_dim": 32, "decoder_act_fns": "silu",
-    "decoder_block_out_channels": [128, 256, 512, 1024],
-    "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"],
-    "decoder_layers_per_block": [3, 3, 3, 3], "decoder_norm_types": "rms_norm",
-    "decoder_qkv_multiscales": [[], [], [5], [5]], "downsample_block_type": "Conv",
-    "encoder_block_out_channels": [128, 256, 512, 1024],
-    "encoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"],
-    "encoder_layers_per_block": [2, 2, 3, 3], "encoder_qkv_multiscales": [[], [], [5], [5]],
-    "in_channels": 2, "latent_channels": 8, "scaling_factor": 0.41407,
-    "upsample_block_type": "interpolate",
-}
+REAL_CONFIG = DCAE_REAL  # music_dcae_f8c8/config.json of ACE-Step-v1-3.5B (spec §1.2)
 
 
 def test_real_size_structure():

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lofi_mlx.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.checkpoint import check_weights
+from lofi_mlx.errors import INVALID_PARAMS, LofiError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,21 +34,10 @@ def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype: torch.d
     Parameters whose name contains one of `keep_fp32` stay fp32 in every precision.
     """
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(set(weights) - set(params))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        raise LofiError(MODEL_LOAD_FAILED, f"{source}: weights do not match the model: " + "; ".join(parts))
+    check_weights({k: p.shape for k, p in params.items()}, weights, source)
     state = {}
     for k, p in params.items():
         w = weights[k]
-        if tuple(w.shape) != tuple(p.shape):
-            raise LofiError(MODEL_LOAD_FAILED,
-                            f"{source}: {k} has shape {list(w.shape)}, the model expects {list(p.shape)}")
         dt = torch.float32 if any(s in k for s in keep_fp32) else dtype
         state[k] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dt)
     # assign=True: the module may be built on the meta device (no memory for random init)

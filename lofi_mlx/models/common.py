@@ -8,7 +8,7 @@ import os
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..errors import MODEL_LOAD_FAILED, LofiError
+from ..checkpoint import check_weights
 from ..mlxrt import mx, nn
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
@@ -23,19 +23,7 @@ def drop_keys(weights: dict, prefixes: tuple[str, ...] = (), contains: tuple[str
 def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype, source: str) -> nn.Module:
     """Load mapped weights into `model`; any missing, unexpected or mis-shaped key is an error."""
     params = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(set(weights) - set(params))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        raise LofiError(MODEL_LOAD_FAILED, f"{source}: weights do not match the model: " + "; ".join(parts))
-    for k, p in params.items():
-        if tuple(weights[k].shape) != tuple(p.shape):
-            raise LofiError(MODEL_LOAD_FAILED, f"{source}: {k} has shape {list(weights[k].shape)}, "
-                            f"the model expects {list(p.shape)}")
+    check_weights({k: p.shape for k, p in params.items()}, weights, source)
     items = []
     for k in params:
         # convert and evaluate one tensor at a time: no second full-size copy of the model
