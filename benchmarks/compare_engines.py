@@ -119,7 +119,7 @@ def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> Path:
                 "e": dcae.DCAEEncode(dcae.DCAEConfig.from_dict(cfg["dcae"]))}),
             "vocoder": vocoder.Vocoder(vocoder.VocoderConfig.from_dict(cfg["vocoder"])),
         }
-    from lofi_mlx.checkpoint import COMPONENTS
+    from lofi.checkpoint import COMPONENTS
     for comp, module in modules.items():
         sub = folder / COMPONENTS[comp]
         sub.mkdir(parents=True, exist_ok=True)
@@ -135,10 +135,10 @@ def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> Path:
 
 
 def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats: int, threads) -> dict:
-    from lofi_mlx.audio import resample
-    from lofi_mlx.engines import create_engine
-    from lofi_mlx.params import GenerateParams
-    from lofi_mlx.pipeline import Pipeline
+    from lofi.audio import resample
+    from lofi.engines import create_engine
+    from lofi.params import GenerateParams
+    from lofi.acestep.pipeline import Pipeline
 
     frames = int(seconds * 44100 / 4096)
     t0 = time.perf_counter()

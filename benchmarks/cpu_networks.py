@@ -31,9 +31,10 @@ def _best(fn, reps: int) -> float:
 
 def _build(component: str, overrides: dict | None = None):
     from lofi_mlx.mlxrt import mx
-    from lofi_mlx.models.lyric_encoder import LyricEncoderConfig
-    from lofi_mlx.models.native import construct
-    from lofi_mlx.synthetic import _randomise, configs
+    from lofi_mlx.acestep.lyric_encoder import LyricEncoderConfig
+    from lofi_mlx.acestep.native import construct
+    from lofi_mlx.synthetic import _randomise
+    from lofi_mlx.synthetic import configs
     cfgs, lyric = configs("full")
     cfg = dict(cfgs[component], **(overrides or {}))
     model = construct(component, cfg, lyric=LyricEncoderConfig(**lyric))
@@ -98,7 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(a.threads))
-    from lofi_mlx.mlxrt import BLAS, mx, set_threads
+    from lofi_mlx.mlxrt import BLAS
+    from lofi_mlx.mlxrt import mx
+    from lofi_mlx.mlxrt import set_threads
     set_threads(a.threads)
     mx.set_default_device(mx.cpu)
     print(f"BLAS={BLAS} threads={a.threads} seconds={a.seconds} loadavg={os.getloadavg()[0]:.2f}")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lofi_mlx.checkpoint import COMPONENTS, read_config, weight_files
+from lofi.checkpoint import COMPONENTS, read_config, weight_files
 
 FORMAT = 1
 PRECISIONS = ("fp16", "fp32")
@@ -92,7 +92,7 @@ def code_fingerprint(component: str) -> str:
     import importlib.util
     h = hashlib.sha256(f"format {FORMAT}\n".encode())
     for name in ("common",) + _MODULES[component]:
-        spec = importlib.util.find_spec(f"lofi_mlx.models.{name}")
+        spec = importlib.util.find_spec(f"lofi_mlx.acestep.{name}")
         h.update(_defs_source(Path(spec.origin)).encode())
     return h.hexdigest()
 
@@ -106,7 +106,7 @@ def source_files(root: Path, component: str) -> list[str]:
 
 def _source_record(root: Path, rel: str) -> dict:
     """Size, mtime and hashes of a source file; taken from setup's record when still valid."""
-    from lofi_mlx.setup import file_unchanged, hash_file, load_state
+    from lofi.hub.files import file_unchanged, hash_file, load_state
     path = root / rel
     rec = ((load_state(root) or {}).get("files") or {}).get(rel)
     if rec and file_unchanged(path, rec):
@@ -128,7 +128,10 @@ def _sha256(path: Path) -> str:
 
 def build(root: str | Path, component: str, precision: str):
     """The network as the engine would load it from the original files."""
-    from lofi_mlx.models import dcae, dit, umt5, vocoder
+    from lofi_mlx.acestep import dcae
+    from lofi_mlx.acestep import dit
+    from lofi_mlx.acestep import umt5
+    from lofi_mlx.acestep import vocoder
     loaders = {"text_encoder": umt5.load, "transformer": dit.load, "dcae": dcae.load,
                "vocoder": vocoder.load}
     return loaders[component](root, precision)
@@ -148,9 +151,9 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
     Each output is written to a temporary name and renamed into place, and the manifest names a
     component only once its file is complete, so an interrupted conversion leaves no file that
     would be taken for a fresh one."""
-    from lofi_mlx.errors import INVALID_PARAMS, LofiError
+    from lofi.errors import INVALID_PARAMS, LofiError
     from lofi_mlx.mlxrt import mx
-    from lofi_mlx.setup import load_state
+    from lofi.hub.files import load_state
 
     if precision not in PRECISIONS:
         raise LofiError(INVALID_PARAMS, f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -224,7 +227,7 @@ def _entry(root: Path, component: str, precision: str | None) -> dict | None:
 
 def component_fresh(root: str | Path, component: str, precision: str | None = None) -> bool:
     """True if the converted file matches the local source files (cheap unless a source changed)."""
-    from lofi_mlx.setup import file_unchanged, hash_file, load_state
+    from lofi.hub.files import file_unchanged, hash_file, load_state
     root = Path(root)
     e = _entry(root, component, precision)
     if e is None:
@@ -304,7 +307,7 @@ def load_converted(home_or_ckpt: str | Path, component: str, precision: str | No
     """The network built from its converted weights (None if there is no fresh conversion).
     Gives the same parameters, bit for bit, as the module's own `load` at that precision.
     `parts` selects DCAE parts, as in dcae.load."""
-    from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+    from lofi.errors import MODEL_LOAD_FAILED, LofiError
     from lofi_mlx.mlxrt import mx
     root = resolve_root(home_or_ckpt)
     weights = converted_weights(root, component, precision)
@@ -312,20 +315,21 @@ def load_converted(home_or_ckpt: str | Path, component: str, precision: str | No
         return None
     cfg = read_config(root, component)
     if component == "text_encoder":
-        from lofi_mlx.models import umt5
+        from lofi_mlx.acestep import umt5
         model = umt5.UMT5Encoder(umt5.UMT5Config.from_dict(cfg))
     elif component == "transformer":
-        from lofi_mlx.models import dit, lyric_encoder
+        from lofi_mlx.acestep import dit
+        from lofi_mlx.acestep import lyric_encoder
         model = dit.ACEStepDiT(dit.DiTConfig.from_dict(cfg),
                                lyric_encoder.LyricEncoderConfig.from_weights(weights))
     elif component == "dcae":
-        from lofi_mlx.models import dcae
+        from lofi_mlx.acestep import dcae
         parts = tuple(parts or dcae.PARTS)
         model = dcae.MusicDCAE(dcae.DCAEConfig.from_dict(cfg), parts)
         weights = {k: v for k, v in weights.items() if k.split(".")[0] in parts
                    or k.split(".")[0] not in dcae.PARTS}
     else:
-        from lofi_mlx.models import vocoder
+        from lofi_mlx.acestep import vocoder
         model = vocoder.Vocoder(vocoder.VocoderConfig.from_dict(cfg))
     try:
         model.load_weights(list(weights.items()), strict=True)

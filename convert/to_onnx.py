@@ -30,8 +30,8 @@ import numpy as np
 
 from lofi_cuda import graphs as G
 from lofi_cuda import tables
-from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.errors import INVALID_PARAMS, LofiError
+from lofi.checkpoint import component_dir, load_component
+from lofi.errors import INVALID_PARAMS, LofiError
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -159,8 +159,8 @@ def _versions() -> dict:
     import onnx
     import torch
 
-    import lofi_mlx
-    v = {"torch": torch.__version__, "onnx": onnx.__version__, "lofi": lofi_mlx.__version__,
+    import lofi
+    v = {"torch": torch.__version__, "onnx": onnx.__version__, "lofi": lofi.__version__,
          "python": platform.python_version(), "exporter": "torch.onnx.export(dynamo=False)"}
     try:
         import onnxruntime

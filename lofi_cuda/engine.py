@@ -1,6 +1,6 @@
 """The ONNX Runtime engine: ACE-Step's graphs on CUDA (NVIDIA GPUs) or the CPU.
 
-Implements the Engine protocol (lofi_mlx/protocol.py) the shared sampler and pipeline drive,
+Implements the Engine protocol (lofi/engine.py) the shared sampler and pipeline drive,
 with the same memory policy as the MLX engine: a stage's sessions are created when the stage
 first runs and dropped when it ends (`end_stage`), unless `keep_loaded=True`.
 
@@ -15,22 +15,24 @@ Settings: `threads` (intra-op threads), LOFI_ORT_OPT_LEVEL = disable|basic|exten
 
 from __future__ import annotations
 
-import base64
 import gc
 import hashlib
 import os
 import resource
 import sys
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from lofi_mlx.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 
-from . import graphs as G
-from . import tables
+from lofi_cuda import graphs as G
+from lofi_cuda import tables
+from lofi_cuda.runtime import CPU, CUDA, cuda_usable
+from lofi_cuda.runtime import ort as _ort
 
 PRECISIONS = ("fp32", "fp16")
 ERG_SCALE = 0.01
@@ -41,32 +43,6 @@ STAGE_GRAPHS = {"text_encoder": ("text_encoder",), "transformer": ("dit_encode",
                 "dcae": ("dcae_decode",), "dcae_encoder": ("dcae_encode",), "vocoder": ("vocoder",)}
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-# A one-node (Identity) model: creating a session from it tells whether CUDA really works.
-_PROBE = base64.b64decode("CAg6OwoQCgF4EgF5IghJZGVudGl0eRIFcHJvYmVaDwoBeBIKCggIARIECgIIAWIPCgF5EgoKCAgB"
-                          "EgQKAggBQgQKABAN")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise LofiError(MODEL_LOAD_FAILED, "the ONNX engine needs onnxruntime: pip install 'lofi[cuda]' "
-                        "(NVIDIA GPU) or 'lofi[onnx-cpu]'") from e
-    return onnxruntime
-
-
-def cuda_usable() -> bool:
-    """CUDAExecutionProvider is installed and a session on it actually gets the GPU."""
-    ort = _ort()
-    if CUDA not in ort.get_available_providers():
-        return False
-    try:
-        s = ort.InferenceSession(_PROBE, providers=[CUDA, CPU])
-        return s.get_providers()[0] == CUDA
-    except Exception:
-        return False
 
 
 class ONNXEngine:
@@ -105,12 +81,14 @@ class ONNXEngine:
         self._stages: list[str] = []
         self._device_cache: OrderedDict = OrderedDict()  # CUDA: constant inputs kept on the GPU
         self._lock = threading.RLock()
+        self.load_times: dict[str, float] = {}  # seconds creating sessions, per stage (benchmarks)
 
     # -- graphs and sessions ---------------------------------------------------------------
     def graph_dir(self) -> Path:
         with self._lock:
             if self._graph_dir is None:
-                folder = G.ensure_graphs(self.checkpoint, self.precision, log=self.log)
+                from lofi_cuda.prepare import ensure_graphs
+                folder = ensure_graphs(self.checkpoint, self.precision, log=self.log)
                 self._dims = G.read_manifest(folder)["dims"]
                 self._graph_dir = folder
             return self._graph_dir
@@ -132,6 +110,7 @@ class ONNXEngine:
             if self.device == "cuda":
                 providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested",
                                      "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+            t0 = time.perf_counter()
             try:
                 sess = self.ort.InferenceSession(str(path), sess_options=self._options(), providers=providers)
             except MemoryError as e:
@@ -143,6 +122,7 @@ class ONNXEngine:
                 raise LofiError(MODEL_LOAD_FAILED, f"{graph}: ONNX Runtime fell back to the CPU "
                                 "(CUDA provider failed to initialise)")
             self._sessions[graph] = sess
+            self.load_times[stage] = self.load_times.get(stage, 0.0) + time.perf_counter() - t0
             if stage not in self._stages:
                 self._stages.append(stage)
             return sess
@@ -166,6 +146,14 @@ class ONNXEngine:
 
     def loaded(self) -> list[str]:
         return list(self._stages)
+
+    def load(self, stage: str) -> None:
+        """Open a stage's sessions now (otherwise they open on first use)."""
+        for g in STAGE_GRAPHS[stage]:
+            self._session(stage, g)
+
+    def reset_peak(self) -> None:
+        """The OS keeps the process's peak resident size; it cannot be reset from here."""
 
     def memory(self) -> dict:
         """Process memory as the OS sees it (ONNX Runtime exposes no allocator statistics):

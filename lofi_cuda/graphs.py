@@ -11,13 +11,12 @@ mtime, or else the same sha256). No ML framework is imported here.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
 
-from lofi_mlx.checkpoint import COMPONENTS, component_dir, weight_files
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError
+from lofi.checkpoint import COMPONENTS, component_dir, weight_files
+from lofi.errors import MODEL_LOAD_FAILED, LofiError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -124,34 +123,3 @@ def locate(checkpoint: str | Path, precision: str) -> tuple[Path | None, list[st
             return folder, reasons
         reasons.append(why)
     return None, reasons
-
-
-def ensure_graphs(checkpoint: str | Path, precision: str, log=print) -> Path:
-    """The folder of fresh graphs; exports them into the cache first if needed and possible."""
-    folder, reasons = locate(checkpoint, precision)
-    if folder is not None:
-        return folder
-    target = cache_dir(checkpoint, precision)
-    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
-    try:
-        if missing:
-            raise ImportError(f"{' and '.join(missing)} not installed")
-        from convert.to_onnx import export_all
-    except ImportError as e:
-        raise LofiError(MODEL_LOAD_FAILED,
-                        f"no ONNX graphs ({precision}) for {checkpoint}: {'; '.join(reasons)}. Exporting "
-                        f"them needs the `export` extra (pip install 'lofi[export]': torch, onnx), or "
-                        f"run `python -m convert.to_onnx {checkpoint} {Path(checkpoint) / 'onnx' / precision} "
-                        f"--precision {precision}` where it is installed ({e})") from e
-    log(f"lofi: exporting ONNX graphs ({precision}) from {checkpoint} to {target} "
-        f"(one-time; minutes and several GB of RAM for the full model)")
-    try:
-        export_all(checkpoint, target, precision, log=log)
-    except LofiError:
-        raise
-    except Exception as e:
-        raise LofiError(MODEL_LOAD_FAILED, f"exporting ONNX graphs failed: {type(e).__name__}: {e}") from e
-    why = stale_reason(target, checkpoint, precision)
-    if why is not None:
-        raise LofiError(MODEL_LOAD_FAILED, f"exported ONNX graphs are unusable: {why}")
-    return target

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .params import CFG_TYPES, PRECISIONS, SCHEDULERS, GenerateParams
+from lofi.params import CFG_TYPES, PRECISIONS, SCHEDULERS, GenerateParams
 
 
 def _rss_peak_bytes() -> int:
@@ -39,7 +39,7 @@ def _rss_now_bytes() -> int:
 def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     """One generation through the real pipeline; stages timed from its progress reports, network
     loads from the engine's own counters, and the daemon's ETA estimator followed step by step."""
-    from .daemon.jobs import Job, ProgressTracker
+    from lofi.daemon.jobs import Job, ProgressTracker
 
     engine = pipeline.engine
     engine.load_times.clear()
@@ -84,7 +84,7 @@ def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     t["resample"] = info["timings"]["resample_sec"]
     t["write"] = info["timings"]["write_sec"]
     diff = [(tt, step) for tt, stage, step, _ in events if stage == "diffusion"]
-    from .sampler.guidance import guidance_window
+    from lofi.acestep.sampler.guidance import guidance_window
     lo, hi = guidance_window(params.infer_steps, params.guidance_interval)
     guided = params.guidance_scale not in (0.0, 1.0)
     steps = []
@@ -205,19 +205,19 @@ def main(argv=None, engine_default="mlx") -> int:
                             seed=1234).validate()
     native = None
     if args.synthetic:
-        from .synthetic import make_synthetic
+        from lofi_mlx.synthetic import make_synthetic
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lofi.nvim" / "synthetic"
         ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
         native = ckpt / "mlx"
     else:
         if args.checkpoint is None:
-            from .cli import default_checkpoint
+            from lofi.cli import default_checkpoint
             args.checkpoint = default_checkpoint()
-        from .checkpoint import check_checkpoint
+        from lofi.checkpoint import check_checkpoint
         ckpt = check_checkpoint(args.checkpoint)
-    from .engines import create_engine
+    from lofi.engines import create_engine
     if args.engine == "mlx":
-        from .engine import MLXEngine
+        from lofi_mlx.engine import MLXEngine
         engine = MLXEngine(ckpt, args.precision, args.device, native_dir=native,
                            keep_loaded=args.keep_loaded)
     else:
@@ -228,8 +228,8 @@ def main(argv=None, engine_default="mlx") -> int:
             "machine": machine(),
             "date": time.strftime("%Y-%m-%d"), "command": "python -m lofi_mlx.bench "
             + " ".join(argv if argv is not None else sys.argv[1:])}
-    from .daemon.jobs import Estimator
-    from .pipeline import Pipeline
+    from lofi.daemon.jobs import Estimator
+    from lofi.acestep.pipeline import Pipeline
     pipeline = Pipeline(ckpt, engine)
     estimator = Estimator()  # learns across runs, as the daemon's does across jobs
     runs = []

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
-from .mlxrt import BLAS, mx, set_threads
-from .models.common import DTYPES
+from lofi.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from lofi_mlx.mlxrt import BLAS
+from lofi_mlx.mlxrt import mx
+from lofi_mlx.mlxrt import set_threads
+from lofi_mlx.acestep.common import DTYPES
 
 
 class MLXEngine:
@@ -83,8 +85,8 @@ class MLXEngine:
     def _load(self, stage: str):
         comp, parts = self._COMPONENT[stage]
         if self.native_dir is not None or self.converted(comp):
-            from .checkpoint import read_config
-            from .models.native import load_native
+            from lofi.checkpoint import read_config
+            from lofi_mlx.acestep.native import load_native
             folder = self.native_dir or self.checkpoint / "mlx"
             # widen only (fp16 file, fp32 run); never narrow a module's fp32 islands
             dtype = self.dtype if self.precision == "fp32" else None
@@ -92,19 +94,19 @@ class MLXEngine:
                                read_config(self.checkpoint, comp), parts, dtype)
         try:
             if stage == "text_encoder":
-                from .models import umt5
+                from lofi_mlx.acestep import umt5
                 return umt5.load(self.checkpoint, self.precision)
             if stage == "transformer":
-                from .models import dit
+                from lofi_mlx.acestep import dit
                 return dit.load(self.checkpoint, self.precision)
             if stage == "dcae":
-                from .models import dcae
+                from lofi_mlx.acestep import dcae
                 return dcae.load(self.checkpoint, self.precision, parts=("decoder",))
             if stage == "dcae_encoder":
-                from .models import dcae
+                from lofi_mlx.acestep import dcae
                 return dcae.load(self.checkpoint, self.precision, parts=("encoder",))
             if stage == "vocoder":
-                from .models import vocoder
+                from lofi_mlx.acestep import vocoder
                 return vocoder.load(self.checkpoint, self.precision)
         except LofiError:
             raise
@@ -143,7 +145,7 @@ class MLXEngine:
         return mx.array(np.asarray(x, dtype=np.float32)).astype(self.dtype)
 
     def encode_text(self, input_ids, attention_mask, erg: bool = False) -> np.ndarray:
-        from .models.umt5 import erg_q_scale
+        from lofi_mlx.acestep.umt5 import erg_q_scale
         model = self._get("text_encoder")
         q_scale = erg_q_scale(model.config.num_layers) if erg else None
         out = model(mx.array(np.asarray(input_ids, np.int32)),

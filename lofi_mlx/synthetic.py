@@ -12,7 +12,7 @@ import copy
 import json
 from pathlib import Path
 
-from .checkpoint import COMPONENTS
+from lofi.checkpoint import COMPONENTS
 
 DIT = {
     "_class_name": "Transformer2DModel", "in_channels": 8, "out_channels": 8, "num_layers": 24,
@@ -83,10 +83,11 @@ def configs(size: str) -> tuple[dict, dict]:
 
 def make_synthetic(out: str | Path, size: str, precision: str = "fp32", seed: int = 0) -> Path:
     """Write (once) a synthetic checkpoint folder; returns it. Reuses a complete earlier one."""
-    from .mlxrt import mx
-    from .models.common import DTYPES
-    from .models.lyric_encoder import LyricEncoderConfig
-    from .models.native import construct, save_native
+    from lofi_mlx.mlxrt import mx
+    from lofi_mlx.acestep.common import DTYPES
+    from lofi_mlx.acestep.lyric_encoder import LyricEncoderConfig
+    from lofi_mlx.acestep.native import construct
+    from lofi_mlx.acestep.native import save_native
 
     out = Path(out)
     done = out / "mlx" / "synthetic.json"
@@ -129,7 +130,7 @@ def _randomise(model, dtype) -> None:
     """Small random weights (keeps activations finite through every layer), one tensor at a time."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from .mlxrt import mx
+    from lofi_mlx.mlxrt import mx
     new = []
     for name, p in tree_flatten(model.parameters()):
         fan_in = max(1, int(p.size // p.shape[0])) if p.ndim > 1 else 1

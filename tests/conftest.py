@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lofi_mlx.checkpoint import load_safetensors
+from lofi.checkpoint import load_safetensors
 
 # The suite runs the MLX engine unless a test says otherwise (test_onnx.py and test_no_mlx.py run
 # the ONNX engine): `auto` picks ONNX Runtime on Linux CPUs where it is installed.

@@ -1,6 +1,6 @@
 """Spawn the real lofi daemon and talk to it, for tests.
 
-`Daemon` runs `python -m lofi_mlx.daemon` (or, with `fake_step_sec`, the same daemon whose
+`Daemon` runs `python -m lofi.daemon` (or, with `fake_step_sec`, the same daemon whose
 pipeline factory is replaced by `FakePipeline`, for tests that need a controllable clock) under
 a temporary LOFI_HOME, reads its stdout on a thread, and offers request/notification helpers.
 """
@@ -41,7 +41,7 @@ class Daemon:
             full_env["FAKE_STEP_SEC"] = str(fake_step_sec)
             cmd = [sys.executable, "-c", "from tests.daemon_util import fake_main; fake_main()"]
         else:
-            cmd = [sys.executable, "-m", "lofi_mlx.daemon"]
+            cmd = [sys.executable, "-m", "lofi.daemon"]
         self.stderr_path = self.home / f"stderr-{time.monotonic_ns()}.txt"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(cmd + list(args), cwd=ROOT, env=full_env, stdin=subprocess.PIPE,
@@ -212,7 +212,7 @@ class FakePipeline:
     def generate(self, params, out_path, fmt="wav", progress=None, cancel=None):
         import soundfile as sf
 
-        from lofi_mlx.errors import MODEL_INFERENCE_FAILED, Cancelled, LofiError
+        from lofi.errors import MODEL_INFERENCE_FAILED, Cancelled, LofiError
 
         def check():
             if cancel is not None and cancel():
@@ -253,8 +253,8 @@ class FakePipeline:
 
 def fake_main():
     """The real daemon with its pipeline factory replaced by FakePipeline."""
-    from lofi_mlx.daemon import backends
-    from lofi_mlx.daemon.__main__ import main
+    from lofi.daemon import backends
+    from lofi.daemon.__main__ import main
 
     step = float(os.environ["FAKE_STEP_SEC"])
     backends.open_pipeline = lambda settings: FakePipeline(step)

@@ -1,4 +1,4 @@
-"""lofi_mlx.audio: log-mel, resampling, encode input, exact-length output, atomic writing."""
+"""lofi.audio: log-mel, resampling, encode input, exact-length output, atomic writing."""
 
 import math
 import os
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lofi_mlx import audio
-from lofi_mlx.errors import INVALID_DURATION, INVALID_PARAMS, LofiError
+from lofi import audio
+from lofi.errors import INVALID_DURATION, INVALID_PARAMS, LofiError
 from tests.conftest import assert_close, golden
 
 

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from tests.conftest import CHECKPOINT
 
-LOFI = [sys.executable, "-m", "lofi_mlx.cli"]
+LOFI = [sys.executable, "-m", "lofi.cli"]
 
 
 def lofi(*args, env=None):
@@ -106,9 +106,9 @@ def test_installed_model_under_lofi_home(tmp_path):
 
 
 def test_parsing_and_sampler_do_not_import_mlx():
-    code = ("import sys, lofi_mlx.cli, lofi_mlx.params, lofi_mlx.pipeline, lofi_mlx.sampler.loop, "
-            "lofi_mlx.audio, lofi_mlx.text, lofi_mlx.engines, lofi_mlx.verify;"
-            "lofi_mlx.cli.build_parser().parse_args(['generate','--prompt','x','--duration','5','--out','o.wav']);"
+    code = ("import sys, lofi.cli, lofi.params, lofi.acestep.pipeline, lofi.acestep.sampler.loop, "
+            "lofi.audio, lofi.acestep.text, lofi.engines, lofi.verify;"
+            "lofi.cli.build_parser().parse_args(['generate','--prompt','x','--duration','5','--out','o.wav']);"
             "bad=[m for m in sys.modules if m.split('.')[0] in ('mlx','torch','onnxruntime')];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lofi_mlx.daemon import cache as cache_mod
-from lofi_mlx.daemon.cache import TrackCache
+from lofi.daemon import cache as cache_mod
+from lofi.daemon.cache import TrackCache
 from tests.daemon_util import Daemon, make_home, staging_files
 
 KB = 1000

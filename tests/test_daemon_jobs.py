@@ -264,7 +264,7 @@ def test_orphan_exits_when_its_parent_dies(home):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
     env["LOFI_HOME"] = str(home)
     wrapper = ("import subprocess, sys, os\n"
-               f"p = subprocess.Popen([sys.executable, '-m', 'lofi_mlx.daemon'], stdin={r}, "
+               f"p = subprocess.Popen([sys.executable, '-m', 'lofi.daemon'], stdin={r}, "
                "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
                "print(p.pid, flush=True)\n"
                "import time; time.sleep(1.0)\n"

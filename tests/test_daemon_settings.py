@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lofi_mlx.settings import Settings, SettingsError, default_home, parse_size
+from lofi.settings import Settings, SettingsError, default_home, parse_size
 from tests.daemon_util import ROOT, Daemon, make_home
 
 
@@ -63,7 +63,7 @@ def test_bad_values_are_named(name, value, fragment):
 def _run_daemon(args, env_extra, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LOFI_HOME": str(tmp_path / "h")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "lofi_mlx.daemon", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "lofi.daemon", *args], cwd=ROOT, env=env,
                           input=b"", capture_output=True, timeout=30)
 
 

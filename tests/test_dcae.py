@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
 
-from lofi_mlx.checkpoint import load_component
-from lofi_mlx.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from lofi.checkpoint import load_component
+from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
-from lofi_mlx.models import dcae
+from lofi_mlx.acestep import dcae
 from lofi_mlx.synthetic import DCAE as DCAE_REAL
 from mlx.utils import tree_flatten
 
-from .conftest import CHECKPOINT, assert_close, golden
+from tests.conftest import CHECKPOINT, assert_close, golden
 
 ATOL = 1e-4
 CASES = ("sr48k", "sr44k")

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lofi_mlx.checkpoint import load_component
-from lofi_mlx.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from lofi.checkpoint import load_component
+from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
-from lofi_mlx.models import dit
-from lofi_mlx.models.lyric_encoder import LyricEncoderConfig
+from lofi_mlx.acestep import dit
+from lofi_mlx.acestep.lyric_encoder import LyricEncoderConfig
 
-from .conftest import CHECKPOINT, assert_close, golden
+from tests.conftest import CHECKPOINT, assert_close, golden
 
 # fp32, single calls. Measured max abs errors: intermediates <= 2e-6, except time_proj at 2.3e-5
 # (cos/sin of t*f_k with t = 1000: torch's fp32 exp is up to 3 ulp off in f_k; this port rounds

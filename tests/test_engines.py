@@ -2,8 +2,8 @@
 
 import pytest
 
-from lofi_mlx import engines
-from lofi_mlx.errors import LofiError
+from lofi import engines
+from lofi.errors import LofiError
 
 
 def fake(monkeypatch, mlx=True, ort=True, export=True, apple=False, cuda=False):

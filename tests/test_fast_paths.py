@@ -15,9 +15,13 @@ from math import erfc
 import numpy as np
 import pytest
 
-from lofi_mlx.mlxrt import mx, nn
-from lofi_mlx.models import common, dcae, dit
-from lofi_mlx.models import vocoder as V
+from lofi_mlx.mlxrt import mx
+
+from lofi_mlx.mlxrt import nn
+from lofi_mlx.acestep import common
+from lofi_mlx.acestep import dcae
+from lofi_mlx.acestep import dit
+from lofi_mlx.acestep import vocoder as V
 from tests.conftest import assert_close
 
 EPS32 = 2.0 ** -24  # fp32 unit roundoff

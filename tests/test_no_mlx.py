@@ -42,7 +42,7 @@ def venv_without_mlx(tmp: Path) -> Path:
 
 def test_daemon_generates_with_onnx_and_no_mlx(tmp_path):
     py = venv_without_mlx(tmp_path)
-    r = subprocess.run([str(py), "-c", "import importlib.util as u; import lofi_mlx.engines as e;"
+    r = subprocess.run([str(py), "-c", "import importlib.util as u; import lofi.engines as e;"
                         "print(u.find_spec('mlx'), e.default_engine())"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["None", "onnx"]
@@ -52,7 +52,7 @@ def test_daemon_generates_with_onnx_and_no_mlx(tmp_path):
     shutil.copytree(CHECKPOINT, home / "ace-step")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
     env.update(LOFI_HOME=str(home), LOFI_ONNX_CACHE=str(tmp_path / "onnx"), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([str(py), "-m", "lofi_mlx.daemon"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([str(py), "-m", "lofi.daemon"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
 
     def send(rid, method, params=None):

@@ -1,4 +1,4 @@
-"""Daemon-side playback (lofi_mlx/playback.py): miniaudio on its null device (real-time, silent),
+"""Daemon-side playback (lofi/playback.py): miniaudio on its null device (real-time, silent),
 the external-player fallback with a stand-in player on PATH, and the daemon's method table."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lofi_mlx import playback
-from lofi_mlx.errors import LofiError
-from lofi_mlx.playback import PLAYBACK_FAILED, Player
+from lofi import playback
+from lofi.errors import LofiError
+from lofi.playback import PLAYBACK_FAILED, Player
 
 
 class Events:
@@ -246,7 +246,7 @@ def test_nothing_can_play(wav, monkeypatch, tmp_path):
 
 def test_daemon_methods(wav, tmp_path):
     env = dict(os.environ, LOFI_HOME=str(tmp_path / "home"), LOFI_PLAYER="null")
-    proc = subprocess.Popen([sys.executable, "-m", "lofi_mlx.daemon"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "lofi.daemon"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     lines = []
 

@@ -19,11 +19,11 @@ from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder  # noqa: 
 from lofi_cuda import graphs as G  # noqa: E402
 from lofi_cuda import tables  # noqa: E402
 from lofi_cuda.engine import ONNXEngine  # noqa: E402
-from lofi_mlx.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError  # noqa: E402
+from lofi.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError  # noqa: E402
 from tests.conftest import CHECKPOINT, GOLDEN  # noqa: E402
 
 # fp16 (relative to the reference's max |value|), measured on the tiny checkpoint with the CPU
-# provider. Everything is inside lofi_mlx.verify's fp16 tolerances (2e-2 single modules, 5e-2
+# provider. Everything is inside lofi.verify's fp16 tolerances (2e-2 single modules, 5e-2
 # runs) except the DCAE encoder's latents: 2.9e-2 here (2.9e-2 in the MLX engine too). Its
 # random-weight linear attention has near-zero normalisers that amplify fp16 rounding of the
 # input ~50x; the bound for it is 6e-2.
@@ -137,7 +137,7 @@ def _verify(eng):
 
 
 def _engine_rows(rows):
-    # vocoder:mel_transform.* check lofi_mlx.audio's numpy log-mel front end, which no engine
+    # vocoder:mel_transform.* check lofi.audio's numpy log-mel front end, which no engine
     # runs (it is tested with the MLX engine's goldens); every other row goes through the engine.
     return [r for r in rows if not r[0].startswith("vocoder:mel_transform")]
 
@@ -155,7 +155,7 @@ def test_verify_fp32_passes_on_cpu(engine):
 
 
 def test_verify_fp16_within_documented_bounds(engine16):
-    from lofi_mlx.verify import TOLERANCES
+    from lofi.verify import TOLERANCES
     rep, text = _verify(engine16)
     rows = _engine_rows(rep.rows)
     assert len(rows) > 150
@@ -183,8 +183,8 @@ def test_verify_cli_exit_code(onnx_cache, capsys):
 # ---- the engine's behaviour --------------------------------------------------------------------
 
 def test_same_seed_gives_identical_audio(engine):
-    from lofi_mlx.params import GenerateParams
-    from lofi_mlx.pipeline import Pipeline
+    from lofi.params import GenerateParams
+    from lofi.acestep.pipeline import Pipeline
     pipe = Pipeline(CHECKPOINT, engine)
     waves = []
     for _ in range(2):
@@ -285,9 +285,9 @@ def test_engine_runs_without_mlx(engine, tmp_path):
         "import sys\n"
         "sys.modules['mlx'] = None; sys.modules['mlx.core'] = None  # importing mlx now fails\n"
         "import numpy as np\n"
-        "from lofi_mlx.engines import create_engine\n"
-        "from lofi_mlx.params import GenerateParams\n"
-        "from lofi_mlx.pipeline import Pipeline\n"
+        "from lofi.engines import create_engine\n"
+        "from lofi.params import GenerateParams\n"
+        "from lofi.acestep.pipeline import Pipeline\n"
         f"ck = {str(CHECKPOINT)!r}\n"
         "eng = create_engine(ck, 'onnx', 'fp32', 'cpu')\n"
         "pipe = Pipeline(ck, eng)\n"

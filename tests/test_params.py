@@ -1,7 +1,7 @@
 import pytest
 
-from lofi_mlx.errors import INVALID_DURATION, INVALID_PARAMS, LofiError
-from lofi_mlx.params import GenerateParams
+from lofi.errors import INVALID_DURATION, INVALID_PARAMS, LofiError
+from lofi.params import GenerateParams
 
 
 def test_track_id_is_stable_and_covers_what_changes_audio():

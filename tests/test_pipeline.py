@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lofi_mlx.engines import create_engine
-from lofi_mlx.errors import Cancelled
-from lofi_mlx.params import GenerateParams
-from lofi_mlx.pipeline import Pipeline
+from lofi.engines import create_engine
+from lofi.errors import Cancelled
+from lofi.params import GenerateParams
+from lofi.acestep.pipeline import Pipeline
 from tests.conftest import CHECKPOINT, assert_close, golden, manifest
 
 
@@ -75,8 +75,8 @@ def test_cancel_mid_diffusion_writes_nothing(tmp_path):
 
 def test_end_to_end_golden_through_the_pipeline():
     """Reference __call__ (prompt -> 48 kHz) with its injected noise, via Pipeline's stages."""
-    from lofi_mlx.audio import resample
-    from lofi_mlx.sampler.noise import InjectedNoise
+    from lofi.audio import resample
+    from lofi.acestep.sampler.noise import InjectedNoise
 
     g = golden("end_to_end")
     p = manifest()["files"]["end_to_end.safetensors"]["input_params_json"]

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from lofi_mlx.errors import INVALID_PARAMS, Cancelled, LofiError
-from lofi_mlx.sampler import (EulerStep, HeunStep, InjectedNoise, MomentumBuffer, PingPongStep,
+from lofi.errors import INVALID_PARAMS, Cancelled, LofiError
+from lofi.acestep.sampler import (EulerStep, HeunStep, InjectedNoise, MomentumBuffer, PingPongStep,
                               SamplerParams, SeededNoise, apg, build_conditions, cfg, cfg_double,
                               cfg_star, guidance_scale_at, guidance_window, omega_rescale,
                               random_seed, sample, scheduler_bounds, timesteps_sigmas)
@@ -540,7 +540,7 @@ def test_pingpong_needs_noise():
 
 
 def test_sampler_imports_no_ml_framework():
-    code = ("import sys, lofi_mlx.sampler, lofi_mlx.sampler.loop; "
+    code = ("import sys, lofi.acestep.sampler, lofi.acestep.sampler.loop; "
             "bad = [m for m in ('mlx', 'onnxruntime', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -18,9 +18,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from convert import to_mlx
-from lofi_mlx import setup
-from lofi_mlx.checkpoint import COMPONENTS
-from lofi_mlx.errors import LofiError
+from lofi.hub import setup
+from lofi.checkpoint import COMPONENTS
+from lofi.errors import LofiError
 from tests.conftest import CHECKPOINT
 from tests.hub_server import HubServer
 
@@ -152,9 +152,12 @@ def test_generate_with_converted_weights_equals_original_at_fp32(hub, home, monk
     The originals are deleted after conversion and the modules' own loaders are disabled, so the
     second run can only have used the converted files."""
     from lofi_mlx.engine import MLXEngine
-    from lofi_mlx.models import dcae, dit, umt5, vocoder
-    from lofi_mlx.params import GenerateParams
-    from lofi_mlx.pipeline import Pipeline
+    from lofi_mlx.acestep import dcae
+    from lofi_mlx.acestep import dit
+    from lofi_mlx.acestep import umt5
+    from lofi_mlx.acestep import vocoder
+    from lofi.params import GenerateParams
+    from lofi.acestep.pipeline import Pipeline
     import soundfile as sf
 
     result = setup.run_setup(home, REV_A, precision="fp32", keep_original=False)
@@ -201,7 +204,7 @@ def test_download_left_by_a_killed_process_resumes_where_it_stopped(hub, home):
     half = size // 2 + 12345
     hub.cut(BIG, half, stall=True)  # send half, then hang like a dead network
     env = dict(os.environ, LOFI_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "lofi_mlx.cli", "setup", "ace-step", "--yes",
+    proc = subprocess.Popen([sys.executable, "-m", "lofi.cli", "setup", "ace-step", "--yes",
                              "--engine", "none", "--revision", REV_A],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd=str(Path(__file__).parent.parent))
@@ -320,7 +323,7 @@ def test_not_enough_disk_is_refused_before_anything_is_downloaded(hub, home):
 
 
 def test_cli_refuses_small_disk_and_asks_before_downloading(hub, home, monkeypatch, capsys):
-    from lofi_mlx import cli
+    from lofi import cli
     base = ["setup", "ace-step", "--home", str(home), "--revision", REV_A, "--engine", "none"]
 
     real = setup.free_space
@@ -436,7 +439,7 @@ def test_removed_originals_stay_removed_until_asked_for(hub, home):
 
 class FakeDaemon:
     def __init__(self, home):
-        from lofi_mlx.settings import Settings
+        from lofi.settings import Settings
         self.settings = Settings.load({"home": str(home)}, env={})
         self.notes = []
         self.worker = type("W", (), {"release_requested": threading.Event()})()
@@ -455,7 +458,7 @@ class FakeCall:
 
 
 def test_daemon_setup_method_plans_then_runs_with_notifications(hub, home):
-    from lofi_mlx import daemon_setup
+    from lofi.daemon import setup as daemon_setup
     d = FakeDaemon(home)
     call = FakeCall()
     plan = daemon_setup.handle_setup(d, {"backend": "ace-step", "dry_run": True, "revision": REV_A}, call)
@@ -482,7 +485,7 @@ def test_daemon_setup_method_plans_then_runs_with_notifications(hub, home):
 
 
 def test_daemon_setup_method_refusals(hub, home, monkeypatch):
-    from lofi_mlx import daemon_setup
+    from lofi.daemon import setup as daemon_setup
     d = FakeDaemon(home)
     for params, code in (({"backend": "musicgen"}, "MODEL_NOT_FOUND"),
                          ({"backend": "nope"}, "INVALID_PARAMS"),
@@ -570,8 +573,8 @@ def test_setup_for_the_onnx_engine_exports_graphs_it_then_uses(hub, home, monkey
         AssertionError("exported again")))
     monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty-cache"))
     from lofi_cuda.engine import ONNXEngine
-    from lofi_mlx.params import GenerateParams
-    from lofi_mlx.pipeline import Pipeline
+    from lofi.params import GenerateParams
+    from lofi.acestep.pipeline import Pipeline
     info = Pipeline(root, ONNXEngine(root, "fp32", "cpu")).generate(
         GenerateParams("lofi", 5.0, infer_steps=2, seed=1), tmp_path / "o.wav")
     assert info["engine"] == "onnx" and (tmp_path / "o.wav").is_file()

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="the torch port needs the `export` e
 
 from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder  # noqa: E402
 from lofi_cuda import tables  # noqa: E402
-from lofi_mlx.errors import MODEL_LOAD_FAILED, LofiError  # noqa: E402
+from lofi.errors import MODEL_LOAD_FAILED, LofiError  # noqa: E402
 from tests.conftest import CHECKPOINT, assert_close, golden  # noqa: E402
 
 ATOL = 1e-4
@@ -187,7 +187,7 @@ def test_dit_fp16_within_bound(dit_gold):
 
 
 def test_dit_rejects_a_mismatched_checkpoint():
-    from lofi_mlx.checkpoint import load_component
+    from lofi.checkpoint import load_component
     cfg, raw = load_component(CHECKPOINT, "transformer")
     raw = dict(raw)
     raw.pop("final_layer.linear.bias")

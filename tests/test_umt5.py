@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from lofi_mlx.checkpoint import load_component
-from lofi_mlx.errors import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
+from lofi.checkpoint import load_component
+from lofi.errors import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
 from lofi_mlx.mlxrt import mx
-from lofi_mlx.models import umt5
-from lofi_mlx.text import PromptTokenizer
+from lofi_mlx.acestep import umt5
+from lofi.acestep.text import PromptTokenizer
 from tests.conftest import CHECKPOINT, assert_close, golden, manifest
 
 ATOL = 1e-4

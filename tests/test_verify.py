@@ -1,4 +1,4 @@
-"""`python -m lofi_mlx.verify` on the fixtures, and on a doctored copy (it must fail there)."""
+"""`python -m lofi.verify` on the fixtures, and on a doctored copy (it must fail there)."""
 
 import json
 import shutil
@@ -8,12 +8,12 @@ import sys
 import numpy as np
 from safetensors.numpy import save_file
 
-from lofi_mlx.checkpoint import load_safetensors
+from lofi.checkpoint import load_safetensors
 from tests.conftest import GOLDEN
 
 
 def verify(path, *extra):
-    return subprocess.run([sys.executable, "-m", "lofi_mlx.verify", str(path), *extra],
+    return subprocess.run([sys.executable, "-m", "lofi.verify", str(path), *extra],
                           capture_output=True, text=True, timeout=900)
 
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from lofi_mlx.checkpoint import load_component
-from lofi_mlx.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
+from lofi.checkpoint import load_component
+from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
-from lofi_mlx.models import vocoder as V
+from lofi_mlx.acestep import vocoder as V
 from tests.conftest import CHECKPOINT, assert_close, golden
 
 TAPS = ["backbone", "head.conv_pre"] + [f"head.ups.{u}" for u in range(7)]

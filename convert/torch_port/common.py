@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lofi_mlx.checkpoint import check_weights
-from lofi_mlx.errors import INVALID_PARAMS, LofiError
+from lofi.checkpoint import check_weights
+from lofi.errors import INVALID_PARAMS, LofiError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

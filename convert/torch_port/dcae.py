@@ -18,18 +18,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.configs import DCAE_ATTN_EPS as ATTN_EPS
-from lofi_mlx.configs import DCAE_BLOCK_TYPES as BLOCK_TYPES  # noqa: F401  (old name)
-from lofi_mlx.configs import DCAE_MEL_MAX as MEL_MAX
-from lofi_mlx.configs import DCAE_MEL_MIN as MEL_MIN
-from lofi_mlx.configs import DCAE_NORM_EPS as NORM_EPS
-from lofi_mlx.configs import DCAE_PARTS as PARTS
-from lofi_mlx.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
-from lofi_mlx.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
-from lofi_mlx.configs import DCAEConfig
+from lofi.checkpoint import component_dir, load_component
+from lofi.acestep.configs import DCAE_ATTN_EPS as ATTN_EPS
+from lofi.acestep.configs import DCAE_BLOCK_TYPES as BLOCK_TYPES  # noqa: F401  (old name)
+from lofi.acestep.configs import DCAE_MEL_MAX as MEL_MAX
+from lofi.acestep.configs import DCAE_MEL_MIN as MEL_MIN
+from lofi.acestep.configs import DCAE_NORM_EPS as NORM_EPS
+from lofi.acestep.configs import DCAE_PARTS as PARTS
+from lofi.acestep.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
+from lofi.acestep.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
+from lofi.acestep.configs import DCAEConfig
 
-from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
+from convert.torch_port.common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 
 
 def repeat_channels(x, n: int):

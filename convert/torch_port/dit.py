@@ -23,18 +23,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.configs import DIT_CLIP as CLIP
-from lofi_mlx.configs import DIT_ERG_BLOCKS as ERG_BLOCKS
-from lofi_mlx.configs import DIT_ERG_SCALE as ERG_SCALE  # noqa: F401  (used by the tests/exporter)
-from lofi_mlx.configs import DIT_GROUPS as GROUPS
-from lofi_mlx.configs import DIT_UNUSED_PARTS as UNUSED_PARTS
-from lofi_mlx.configs import DIT_UNUSED_PREFIXES as UNUSED_PREFIXES
-from lofi_mlx.configs import DiTConfig
-from lofi_mlx.tables import TIME_CHANNELS, time_frequencies
+from lofi.checkpoint import component_dir, load_component
+from lofi.acestep.configs import DIT_CLIP as CLIP
+from lofi.acestep.configs import DIT_ERG_BLOCKS as ERG_BLOCKS
+from lofi.acestep.configs import DIT_ERG_SCALE as ERG_SCALE  # noqa: F401  (used by the tests/exporter)
+from lofi.acestep.configs import DIT_GROUPS as GROUPS
+from lofi.acestep.configs import DIT_UNUSED_PARTS as UNUSED_PARTS
+from lofi.acestep.configs import DIT_UNUSED_PREFIXES as UNUSED_PREFIXES
+from lofi.acestep.configs import DiTConfig
+from lofi.acestep.tables import TIME_CHANNELS, time_frequencies
 
-from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
-from .lyric_encoder import LyricEncoder, LyricEncoderConfig
+from convert.torch_port.common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
+from convert.torch_port.lyric_encoder import LyricEncoder, LyricEncoderConfig
 
 def apply_rope(x, cos, sin):
     """x [B, N, H, d]; cos/sin [N, d] fp32. Pairs (2i, 2i+1) rotate, each element at its own

@@ -13,12 +13,12 @@ import math
 import torch
 from torch import nn
 
-from lofi_mlx.configs import LYRIC_ERG_LAYERS as ERG_LAYERS
-from lofi_mlx.configs import LYRIC_ERG_SCALE as ERG_SCALE
-from lofi_mlx.configs import LYRIC_PREFIX as PREFIX  # noqa: F401  (old name)
-from lofi_mlx.configs import LyricEncoderConfig
+from lofi.acestep.configs import LYRIC_ERG_LAYERS as ERG_LAYERS
+from lofi.acestep.configs import LYRIC_ERG_SCALE as ERG_SCALE
+from lofi.acestep.configs import LYRIC_PREFIX as PREFIX  # noqa: F401  (old name)
+from lofi.acestep.configs import LyricEncoderConfig
 
-from .common import layer_norm
+from convert.torch_port.common import layer_norm
 
 class RelPositionAttention(nn.Module):
     def __init__(self, cfg: LyricEncoderConfig):

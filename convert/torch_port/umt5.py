@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.configs import UMT5_ERG_LAYERS as ERG_LAYERS
-from lofi_mlx.configs import UMT5_ERG_TAU as ERG_TAU
-from lofi_mlx.configs import UMT5Config
+from lofi.checkpoint import component_dir, load_component
+from lofi.acestep.configs import UMT5_ERG_LAYERS as ERG_LAYERS
+from lofi.acestep.configs import UMT5_ERG_TAU as ERG_TAU
+from lofi.acestep.configs import UMT5Config
 
-from .common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
+from convert.torch_port.common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 
 def erg_q_scale(num_layers: int, erg: bool = True) -> np.ndarray:
     lo, hi = ERG_LAYERS

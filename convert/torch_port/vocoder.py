@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lofi_mlx.checkpoint import component_dir, load_component
-from lofi_mlx.configs import VocoderConfig
+from lofi.checkpoint import component_dir, load_component
+from lofi.acestep.configs import VocoderConfig
 
-from .common import drop_keys, fold_weight_norm, layer_norm, load_strict, meta_init, run_dtype
+from convert.torch_port.common import drop_keys, fold_weight_norm, layer_norm, load_strict, meta_init, run_dtype
 
 
 class Conv(nn.Module):
@@ -186,7 +186,7 @@ _WN = ((".weight_g", ".weight_v"),
 
 def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Fold weight norm; 1x1 stage convs become linears. The STFT window and mel filterbank
-    buffers are dropped on purpose: the log-mel front end is numpy (lofi_mlx.audio)."""
+    buffers are dropped on purpose: the log-mel front end is numpy (lofi.audio)."""
     weights = dict(drop_keys(weights, prefixes=("mel_transform.",)))
     for g_suffix, v_suffix in _WN:
         for key in [k for k in weights if k.endswith(g_suffix)]:

@@ -7,7 +7,7 @@ local PY = assert(vim.env.LOFI_TEST_PYTHON)
 local ROOT = assert(vim.env.LOFI_TEST_ROOT)
 local HOME = assert(vim.env.LOFI_HOME)
 local GEN_MS = tonumber(vim.env.LOFI_TEST_GEN_MS) or 180000 -- first generation loads the model
-local DAEMON = { PY, "-m", "lofi_mlx.daemon" }
+local DAEMON = { PY, "-m", "lofi.daemon" }
 
 local notes = {}
 vim.notify = function(msg, level)

@@ -16,7 +16,7 @@ vim.fn.confirm = function(msg)
   return 1
 end
 
-lofi.setup({ daemon_cmd = { PY, "-m", "lofi_mlx.daemon" }, home = HOME, request_timeout_ms = 20000 })
+lofi.setup({ daemon_cmd = { PY, "-m", "lofi.daemon" }, home = HOME, request_timeout_ms = 20000 })
 
 local function all_notes()
   return table.concat(

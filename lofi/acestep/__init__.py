@@ -1,0 +1,1 @@
+"""The ACE-Step v1 backend: configs, tables, tokenizer, sampler and pipeline. No ML framework."""

@@ -1,0 +1,1 @@
+"""Model download, verification and install state (Hugging Face Hub), per backend."""
