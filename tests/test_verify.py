@@ -1,4 +1,4 @@
-"""`python -m lofi.verify` on the fixtures, and on a doctored copy (it must fail there)."""
+"""`python -m lofi_mlx.verify` (and `python -m lofi.verify`) on the fixtures, and on a doctored copy (it must fail there)."""
 
 import json
 import shutil

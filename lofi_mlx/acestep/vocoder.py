@@ -470,7 +470,7 @@ _WN = ((".weight_g", ".weight_v"),
 
 def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Map diffusers `ADaMoSHiFiGANV1` keys to this module: fold weight norm, MLX conv layouts."""
-    # The STFT window and mel filterbank buffers are rebuilt in numpy (lofi.audio).
+    # The STFT window and mel filterbank buffers are rebuilt in numpy (lofi_mlx.audio).
     weights = dict(drop_keys(weights, prefixes=("mel_transform.",)))
     for g_suffix, v_suffix in _WN:
         for key in [k for k in weights if k.endswith(g_suffix)]:
