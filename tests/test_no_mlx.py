@@ -98,3 +98,22 @@ def test_cuda_install_does_not_pull_mlx():
         assert not req.lower().startswith("mlx"), req
     assert any(r.startswith("onnxruntime-gpu") for r in proj["optional-dependencies"]["cuda"])
     assert any(r.startswith("mlx") for r in proj["optional-dependencies"]["mlx"])
+
+
+def test_cli_generates_with_onnx_and_no_mlx(tmp_path):
+    py = venv_without_mlx(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
+    env.update(LOFI_HOME=str(tmp_path / "home"), LOFI_ONNX_CACHE=str(tmp_path / "onnx"))
+    out = tmp_path / "t.wav"
+    r = subprocess.run([str(py), "-m", "lofi.cli", "generate", "--checkpoint", str(CHECKPOINT),
+                        "--prompt", "rain", "--duration", "5", "--steps", "2", "--seed", "3",
+                        "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (48000, 2, 240000)
+    r = subprocess.run([str(py), "-c", "import sys, lofi.cli, lofi.daemon.server, lofi.hub.setup, "
+                        "lofi.acestep.pipeline; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                        "('mlx', 'onnxruntime', 'torch', 'lofi_mlx', 'lofi_cuda', 'convert')))"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
