@@ -128,13 +128,14 @@ def cmd_setup(args) -> int:
     engine = _engine(args.engine)
     plan = setup.plan_setup(args.home, args.revision, args.precision, engine, args.keep_original)
     err = sys.stderr
-    nothing = not (plan.missing or plan.unverified or plan.convert_components
+    todo = _pending(engine, plan)
+    nothing = not (plan.missing or plan.unverified or plan.convert_components or todo
                    or (not plan.keep_original and engine == "mlx" and _originals_present(plan)))
     if nothing:
         print(f"ACE-Step is installed and verified in {plan.root} (revision {plan.remote.commit[:12]}"
               + (f", converted for MLX at {plan.precision}" if engine == "mlx" else "") + ").", file=err)
         return 0
-    print(describe_plan(plan), file=err)
+    print(describe_plan(plan) + (f"\n  {todo}" if todo else ""), file=err)
     if not plan.enough_disk:
         raise LofiError(setup.NOT_ENOUGH_DISK, f"not enough free disk at {plan.root}: "
                         f"{setup.human(plan.needed_bytes)} needed, {setup.human(plan.free_bytes)} free. "
@@ -154,15 +155,33 @@ def cmd_setup(args) -> int:
     except LofiError:
         bar.line("")
         raise
+    if result.state != "ready":
+        bar.line(f"ACE-Step is downloaded and verified in {plan.root} but NOT ready to generate"
+                 + ("".join(f"\n  {n}" for n in result.notes) if result.notes else ""))
+        return 1
+    if engine == "none":
+        from lofi.engines import available_engines
+        bar.line(f"ACE-Step is downloaded and verified in {plan.root}; no engine was prepared "
+                 f"(--engine none)" + "".join(f"\n  {n}: {s}" for n, s in available_engines().items()
+                                               if s != "available"))
+        return 1 if args.engine == "auto" else 0
     parts = [f"{len(result.downloaded)} files downloaded"]
     if result.repaired:
         parts.append(f"repaired {', '.join(result.repaired)}")
     if result.converted:
-        parts.append(f"converted {', '.join(result.converted)} ({plan.precision})")
+        parts.append(f"built {', '.join(result.converted)}" if engine == "onnx"
+                     else f"converted {', '.join(result.converted)} ({plan.precision})")
     if result.removed:
         parts.append(f"removed {len(result.removed)} original weight files")
     bar.line(f"ACE-Step is ready in {plan.root} (revision {result.revision[:12]}): " + "; ".join(parts))
     return 0
+
+
+def _pending(engine: str, plan) -> str | None:
+    if engine == "none":
+        return None
+    from lofi.engines import setup_hooks
+    return setup_hooks(engine).pending(plan.root, plan.precision)
 
 
 def _originals_present(plan) -> bool:

@@ -49,9 +49,9 @@ def available_engines(checkpoint=None) -> dict[str, str]:
     out = {"mlx": "available" if _installed("mlx") else "not_installed: pip install 'lofi[mlx]'"}
     if not _installed("onnxruntime"):
         out["onnx"] = "not_installed: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'"
-    elif not (_installed("torch") and _installed("onnx")) and not _onnx_graphs_present(checkpoint):
-        out["onnx"] = ("not_installed: the ONNX graphs are exported on first use, which needs "
-                       "pip install 'lofi[export]'")
+    elif not _installed("onnx") and not _onnx_graphs_present(checkpoint):
+        out["onnx"] = ("not_installed: the ONNX graphs are built from the checkpoint with the onnx "
+                       "package: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'")
     else:
         out["onnx"] = "available"
     return out

@@ -4,9 +4,9 @@ Implements the Engine protocol (lofi/engine.py) the shared sampler and pipeline 
 with the same memory policy as the MLX engine: a stage's sessions are created when the stage
 first runs and dropped when it ends (`end_stage`), unless `keep_loaded=True`.
 
-Graphs come from `<checkpoint>/onnx/<precision>/` or the user cache when their manifest is
-fresh, and are otherwise exported once into the cache (needs the `export` extra); see
-lofi_cuda/graphs.py. Session creation failures are MODEL_LOAD_FAILED, failures while running
+Graphs come from `<checkpoint>/onnx/<precision>/` (or LOFI_HOME's `onnx/` for a checkpoint
+elsewhere) when their manifest is fresh, and are otherwise built once by lofi_cuda.build (the
+`onnx` package, no PyTorch); see lofi_cuda/graphs.py. Session creation failures are MODEL_LOAD_FAILED, failures while running
 MODEL_INFERENCE_FAILED.
 
 Settings: `threads` (intra-op threads), LOFI_ORT_OPT_LEVEL = disable|basic|extended|all
@@ -31,7 +31,7 @@ from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILE
 
 from lofi_cuda import graphs as G
 from lofi_cuda import tables
-from lofi_cuda.runtime import CPU, CUDA, cuda_usable
+from lofi_cuda.runtime import CPU, CUDA, cuda_problem, cuda_usable
 from lofi_cuda.runtime import ort as _ort
 
 PRECISIONS = ("fp32", "fp16")
@@ -67,9 +67,8 @@ class ONNXEngine:
         elif device == "auto":
             self.device = "cpu"
         else:
-            raise LofiError(MODEL_LOAD_FAILED, "LOFI_DEVICE=gpu but ONNX Runtime has no usable CUDA "
-                            f"device (providers: {', '.join(self.ort.get_available_providers())}; "
-                            "install onnxruntime-gpu with a matching CUDA/cuDNN)")
+            raise LofiError(MODEL_LOAD_FAILED, f"LOFI_DEVICE=gpu but ONNX Runtime cannot use the GPU: "
+                            f"{cuda_problem()}")
         self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
         if level not in OPT_LEVELS:

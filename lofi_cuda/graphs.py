@@ -1,7 +1,7 @@
 """Where the ONNX graphs live, what they are, and whether they still match the checkpoint.
 
 A graph folder holds one `.onnx` file per graph (plus `.onnx.data` for graphs over 2 GB) and a
-`manifest.json` written last by the exporter (convert/to_onnx.py). The manifest records the
+`manifest.json` written last by the builder (lofi_cuda/build). The manifest records the
 opset, precision, tool versions, the model sizes the engine needs, and the size, mtime and
 sha256 of every checkpoint file the graphs were made from. Graphs are "fresh" when the
 manifest's format and precision match and every checkpoint file is unchanged (same size and
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from lofi.checkpoint import COMPONENTS, component_dir, weight_files
@@ -100,24 +99,33 @@ def stale_reason(folder: Path, checkpoint: str | Path, precision: str) -> str | 
     return None
 
 
-def cache_root() -> Path:
-    env = os.environ.get("LOFI_ONNX_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lofi" / "onnx"
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
-def cache_dir(checkpoint: str | Path, precision: str) -> Path:
-    """Per-checkpoint folder in the user cache (the checkpoint itself may be read-only)."""
-    key = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:16]
-    return cache_root() / key / precision
+def graph_dir(checkpoint: str | Path, precision: str) -> Path:
+    """Where graphs for this checkpoint are built: next to it (`<checkpoint>/onnx/<precision>`)
+    when it lies under LOFI_HOME (what `lofi setup` installs), else in LOFI_HOME's own `onnx/`
+    folder keyed by the checkpoint's path: lofi never writes into a folder it does not own."""
+    from lofi.hub.files import lofi_home
+    home, ck = lofi_home(), Path(checkpoint)
+    if _inside(ck, home):
+        return ck / "onnx" / precision
+    key = hashlib.sha256(str(ck.resolve()).encode()).hexdigest()[:16]
+    return home / "onnx" / key / precision
 
 
 def locate(checkpoint: str | Path, precision: str) -> tuple[Path | None, list[str]]:
     """(folder with fresh graphs or None, reasons the candidates were rejected)."""
     reasons = []
-    for folder in (Path(checkpoint) / "onnx" / precision, cache_dir(checkpoint, precision)):
+    candidates = [Path(checkpoint) / "onnx" / precision]
+    if graph_dir(checkpoint, precision) != candidates[0]:
+        candidates.append(graph_dir(checkpoint, precision))
+    for folder in candidates:
         why = stale_reason(folder, checkpoint, precision) if folder.is_dir() else f"{folder} does not exist"
         if why is None:
             return folder, reasons

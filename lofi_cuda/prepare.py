@@ -1,5 +1,6 @@
-"""Setup hooks of the ONNX engine (imports no onnxruntime or torch at import): the graphs the engine
-runs, made from the checkpoint when they are missing or stale."""
+"""Setup hooks of the ONNX engine (imports no onnxruntime or onnx at import): the graphs the engine
+runs, built from the checkpoint by lofi_cuda.build (the `onnx` package, no PyTorch) when they are
+missing or stale."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import importlib.util
 from pathlib import Path
 
 from lofi.errors import MODEL_LOAD_FAILED, LofiError
-from lofi_cuda.graphs import cache_dir, locate, stale_reason
+from lofi_cuda.graphs import graph_dir, locate, stale_reason
+
+INSTALL = "pip install 'lofi[cuda]' (NVIDIA GPU) or 'lofi[onnx-cpu]' (CPU)"
 
 
 def cuda_usable() -> bool:
@@ -27,56 +30,94 @@ def model_ready(root, precision) -> bool:
     return False  # the engine reads the original checkpoint (and its graphs)
 
 
-def export_note() -> str | None:
-    """Why the graphs cannot be exported here, or None."""
-    if importlib.util.find_spec("torch") is None:
-        return ("the ONNX engine needs the networks exported to ONNX, which needs PyTorch: "
-                "pip install 'lofi[export]', then run `lofi setup ace-step --engine onnx` again")
-    return None
+def missing_packages() -> str | None:
+    """What the ONNX engine lacks to set itself up and run here, or None."""
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    what = {"onnxruntime": "onnxruntime (runs the graphs)", "onnx": "onnx (builds the graphs)"}
+    return f"the ONNX engine needs {' and '.join(what[m] for m in missing)}: {INSTALL}"
+
+
+def _precision(planned: str) -> str:
+    from lofi_cuda.runtime import cuda_problem
+    return planned if cuda_problem() is None else "fp32"
+
+
+def pending(root: str | Path, precision: str) -> str | None:
+    """What setup still has to do for this engine (a line for the plan), or None."""
+    missing = missing_packages()
+    if missing:
+        return f"not ready: {missing}"
+    p = _precision(precision)
+    out = graph_dir(root, p)
+    if Path(root).is_dir() and stale_reason(out, root, p) is None:
+        return None
+    return f"to build the ONNX graphs ({p}) in {out}"
 
 
 def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[str]]:
-    """Export the graphs next to the checkpoint (`onnx/<precision>/`), where the engine looks first.
-    CPUs run the fp32 graphs (ONNX Runtime's CPU kernels are fp32)."""
-    note = export_note()
-    if note:
-        notice(note)
+    """Build the graphs next to the checkpoint (`onnx/<precision>/`), where the engine looks first.
+    GPUs run the planned precision; CPUs the fp32 graphs (ONNX Runtime's CPU kernels are fp32)."""
+    missing = missing_packages()
+    if missing:
+        notice(f"not ready: {missing}, then run `lofi setup ace-step --engine onnx` again")
+        return False, []
+    from lofi_cuda.runtime import cuda_problem
+    problem = cuda_problem()
+    if problem and _gpu_package():
+        notice(f"the GPU cannot be used, graphs are built for the CPU: {problem}")
+    precision = _precision(plan.precision)
+    out = graph_dir(root, precision)
+    if stale_reason(out, root, precision) is None:
         return True, []
-    from convert import to_onnx
-    precision = plan.precision if cuda_usable() else "fp32"
-    out = root / "onnx" / precision
-    progress.emit("converting", f"onnx/{precision}", 0, 1, force=True)
-    to_onnx.export_all(root, out, precision, log=lambda *a: None)
-    progress.emit("converting", f"onnx/{precision}", 1, 1, force=True)
-    return True, [f"onnx/{precision}"]
+    check_free(_weight_bytes(root) * (2 if precision == "fp32" else 1))
+    name = f"onnx/{precision}"
+    progress.emit("converting", name, 0, 6, force=True)
+    from lofi_cuda.build import build_all
+    build_all(root, out, precision, log=lambda *a: None,
+              on_graph=lambda g, i, n: progress.emit("converting", name, i, n, force=True))
+    return True, [name]
+
+
+def _gpu_package() -> bool:
+    import importlib.metadata
+    try:
+        importlib.metadata.version("onnxruntime-gpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _weight_bytes(root: Path) -> int:
+    from lofi_cuda.graphs import checkpoint_files
+    return sum(f.stat().st_size for f in checkpoint_files(root) if f.suffix == ".safetensors")
 
 
 def ensure_graphs(checkpoint: str | Path, precision: str, log=print) -> Path:
-    """The folder of fresh graphs; exports them into the cache first if needed and possible."""
+    """The folder of fresh graphs; builds them first (without PyTorch) if needed."""
     folder, reasons = locate(checkpoint, precision)
     if folder is not None:
         return folder
-    target = cache_dir(checkpoint, precision)
-    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
-    try:
-        if missing:
-            raise ImportError(f"{' and '.join(missing)} not installed")
-        from convert.to_onnx import export_all
-    except ImportError as e:
+    target = graph_dir(checkpoint, precision)
+    if importlib.util.find_spec("onnx") is None:
         raise LofiError(MODEL_LOAD_FAILED,
-                        f"no ONNX graphs ({precision}) for {checkpoint}: {'; '.join(reasons)}. Exporting "
-                        f"them needs the `export` extra (pip install 'lofi[export]': torch, onnx), or "
-                        f"run `python -m convert.to_onnx {checkpoint} {Path(checkpoint) / 'onnx' / precision} "
-                        f"--precision {precision}` where it is installed ({e})") from e
-    log(f"lofi: exporting ONNX graphs ({precision}) from {checkpoint} to {target} "
-        f"(one-time; minutes and several GB of RAM for the full model)")
+                        f"the ONNX graphs ({precision}) for {checkpoint} are not built ({'; '.join(reasons)}) "
+                        f"and building them needs the onnx package: {INSTALL}, then run "
+                        f"`lofi setup ace-step --engine onnx` (or `python -m lofi_cuda.build {checkpoint} "
+                        f"{target} --precision {precision}`)")
+    log(f"lofi: building the ONNX graphs ({precision}) from {checkpoint} into {target} "
+        f"(one time; a few minutes for the full model)")
+    from lofi_cuda.build import build_all
     try:
-        export_all(checkpoint, target, precision, log=log)
+        build_all(checkpoint, target, precision, log=log)
     except LofiError:
         raise
+    except OSError as e:
+        raise LofiError(MODEL_LOAD_FAILED, f"cannot write the ONNX graphs to {target}: {e}") from e
     except Exception as e:
-        raise LofiError(MODEL_LOAD_FAILED, f"exporting ONNX graphs failed: {type(e).__name__}: {e}") from e
+        raise LofiError(MODEL_LOAD_FAILED, f"building the ONNX graphs failed: {type(e).__name__}: {e}") from e
     why = stale_reason(target, checkpoint, precision)
     if why is not None:
-        raise LofiError(MODEL_LOAD_FAILED, f"exported ONNX graphs are unusable: {why}")
+        raise LofiError(MODEL_LOAD_FAILED, f"the ONNX graphs just built are unusable: {why}")
     return target

@@ -9,7 +9,11 @@ from convert.to_mlx import (conversion_fresh, convert_checkpoint, converted_prec
                             stale_components)
 from lofi.checkpoint import COMPONENTS
 
-__all__ = ["stale_components", "prepare", "conversion_fresh", "model_ready"]
+__all__ = ["stale_components", "prepare", "conversion_fresh", "model_ready", "pending"]
+
+
+def pending(root: str | Path, precision: str) -> str | None:
+    return None  # what MLX converts is the plan's convert_components
 
 
 def model_ready(root: str | Path, precision: str) -> bool:

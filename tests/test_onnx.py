@@ -1,7 +1,8 @@
 """The ONNX Runtime engine (lofi_cuda) on the CPU provider: graphs, verify, policy, errors.
 
-The graphs are exported once per session from the tiny checkpoint into a temporary cache
-(LOFI_ONNX_CACHE), so nothing is written next to the fixtures.
+The graphs are built once per session by lofi_cuda.build (no torch) from the tiny checkpoint
+into a temporary LOFI_HOME (the fixture checkpoint lies outside it, so nothing is written next
+to the fixtures). The torch port (convert/torch_port) is the oracle the graphs are compared with.
 """
 
 import io
@@ -12,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="exporting the graphs needs the `export` extra (torch)")
 pytest.importorskip("onnxruntime")
 
-from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder  # noqa: E402
 from lofi_cuda import graphs as G  # noqa: E402
 from lofi_cuda import tables  # noqa: E402
 from lofi_cuda.engine import ONNXEngine  # noqa: E402
@@ -33,9 +32,10 @@ FP16_DCAE_ENCODE = 6e-2
 
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory):
+    """A LOFI_HOME for the session: graphs of the fixture checkpoint are built under it."""
     with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("onnx_cache")
-        mp.setenv("LOFI_ONNX_CACHE", str(path))
+        path = tmp_path_factory.mktemp("lofi_home")
+        mp.setenv("LOFI_HOME", str(path))
         yield path
 
 
@@ -50,6 +50,7 @@ def engine16(onnx_cache):
 
 
 def t(x):
+    import torch
     return torch.from_numpy(np.array(x))
 
 
@@ -60,14 +61,18 @@ def close(a, b, atol, what):
     assert err <= atol, f"{what}: {err:.3e} > {atol:.1e}"
 
 
-# ---- export ------------------------------------------------------------------------------------
+# ---- building the graphs -------------------------------------------------------------------------
 
-def test_export_writes_graphs_and_manifest(engine):
+def test_build_writes_graphs_and_manifest(engine, onnx_cache):
     folder = engine.graph_dir()
+    assert folder == G.graph_dir(CHECKPOINT, "fp32") and onnx_cache in folder.parents
     m = G.read_manifest(folder)
     assert m["format"] == G.FORMAT and m["precision"] == "fp32" and m["opset"] >= 17
     assert set(m["graphs"]) == set(G.GRAPHS)
-    assert {"torch", "onnx", "lofi"} <= set(m["versions"])
+    assert {"onnx", "lofi"} <= set(m["versions"]) and m["versions"]["builder"] == "lofi_cuda.build"
+    for name, spec in m["graphs"].items():
+        assert [spec["inputs"], spec["outputs"]] == [list(x) for x in G.GRAPHS[name]]
+        assert (folder / spec["external_data"]).stat().st_size >= spec["weight_bytes"] > 0
     for rel, info in m["checkpoint"].items():
         assert G.sha256(CHECKPOINT / rel) == info["sha256"]
     assert "ace_step_transformer/diffusion_pytorch_model.safetensors" in m["checkpoint"]
@@ -76,7 +81,10 @@ def test_export_writes_graphs_and_manifest(engine):
 
 
 def test_graphs_match_torch_port_at_other_sizes(engine):
-    """Dynamic axes: batch and lengths unlike the traced example still match the torch port."""
+    """The built graphs against the torch port (the oracle; the `export` extra), at batch sizes
+    and lengths of their own, masked rows included."""
+    torch = pytest.importorskip("torch", reason="the oracle is the torch port (`export` extra)")
+    from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder
     rng = np.random.default_rng(1)
     B, Nt, Nl, T = 3, 9, 4, 13
     te = umt5.load(CHECKPOINT)
@@ -244,7 +252,7 @@ def ckpt_copy(tmp_path):
 
 
 def test_graphs_in_the_checkpoint_are_used_and_checked(engine, ckpt_copy, tmp_path, monkeypatch):
-    monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("LOFI_HOME", str(tmp_path / "empty_home"))
     folder = ckpt_copy / "onnx" / "fp32"
     shutil.copytree(engine.graph_dir(), folder)
     assert G.stale_reason(folder, ckpt_copy, "fp32") is None
@@ -265,22 +273,32 @@ def test_graphs_in_the_checkpoint_are_used_and_checked(engine, ckpt_copy, tmp_pa
     assert "changed" in G.stale_reason(folder, ckpt_copy, "fp32")
 
 
-def test_missing_export_extra_is_a_clear_error(ckpt_copy, tmp_path, monkeypatch):
+def test_missing_onnx_package_is_a_clear_error(ckpt_copy, tmp_path, monkeypatch):
     import sys
-    monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setitem(sys.modules, "torch", None)  # as if the export extra were not installed
+    monkeypatch.setenv("LOFI_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the onnx package were not installed
     eng = ONNXEngine(ckpt_copy, "fp32", device="cpu")
     with pytest.raises(LofiError) as e:
         eng.encode_text(np.array([[5, 1]]), np.ones((1, 2), np.int64))
     assert e.value.code == MODEL_LOAD_FAILED
-    assert "export" in e.value.message and "convert.to_onnx" in e.value.message
+    assert "not built" in e.value.message and "onnx package" in e.value.message
+    assert "lofi[cuda]" in e.value.message and "lofi setup ace-step" in e.value.message
+    assert "export" not in e.value.message and "torch" not in e.value.message
+
+
+def test_graphs_are_built_under_lofi_home_never_in_a_foreign_checkpoint(ckpt_copy, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("LOFI_HOME", str(home))
+    assert G.graph_dir(ckpt_copy, "fp16").parent.parent == home / "onnx"
+    inside = home / "ace-step"
+    assert G.graph_dir(inside, "fp16") == inside / "onnx" / "fp16"
 
 
 def test_engine_runs_without_mlx(engine, tmp_path):
     """The `cuda` extra does not pull mlx: the ONNX engine and the shared pipeline must not need it."""
     import subprocess
     import sys
-    engine.graph_dir()  # graphs exported into the session cache, which the child inherits
+    engine.graph_dir()  # graphs built under the session's LOFI_HOME, which the child inherits
     code = (
         "import sys\n"
         "sys.modules['mlx'] = None; sys.modules['mlx.core'] = None  # importing mlx now fails\n"
