@@ -51,7 +51,7 @@ def test_daemon_generates_with_onnx_and_no_mlx(tmp_path):
     home.mkdir()
     shutil.copytree(CHECKPOINT, home / "ace-step")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
-    env.update(LOFI_HOME=str(home), LOFI_ONNX_CACHE=str(tmp_path / "onnx"), PYTHONUNBUFFERED="1")
+    env.update(LOFI_HOME=str(home), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([str(py), "-m", "lofi.daemon"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
 

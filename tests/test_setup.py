@@ -558,23 +558,41 @@ def test_hf_token_goes_to_the_hub_and_never_to_the_cdn(hub, home, monkeypatch):
     assert all(r["auth"] is None for r in cdn_reqs)
 
 
-def test_setup_for_the_onnx_engine_exports_graphs_it_then_uses(hub, home, monkeypatch, tmp_path):
-    """With PyTorch present, setup for the ONNX engine exports the graphs next to the checkpoint
-    (fp32 on a CPU), and the engine uses them without exporting again."""
-    pytest.importorskip("torch")
+def test_setup_for_the_onnx_engine_builds_graphs_it_then_uses(hub, home, monkeypatch, tmp_path):
+    """Setup for the ONNX engine builds the graphs next to the checkpoint (fp32 on a CPU) with
+    lofi_cuda.build (torch made unimportable), and the engine uses them without building again."""
+    pytest.importorskip("onnx")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setenv("LOFI_HOME", str(home))
     events = []
     result = setup.run_setup(home, REV_A, precision="fp16", engine="onnx", on_progress=events.append)
     assert result.state == "ready" and result.converted == ["onnx/fp32"]
     root = home / "ace-step"
     assert (root / "onnx" / "fp32" / "manifest.json").is_file()
     assert [e["file"] for e in events if e["stage"] == "converting"][-1] == "onnx/fp32"
-    from convert import to_onnx
-    monkeypatch.setattr(to_onnx, "export_all", lambda *a, **k: (_ for _ in ()).throw(
-        AssertionError("exported again")))
-    monkeypatch.setenv("LOFI_ONNX_CACHE", str(tmp_path / "empty-cache"))
+    assert [e["bytes_done"] for e in events if e["stage"] == "converting"][-1] == 6
+    import lofi_cuda.build
+    monkeypatch.setattr(lofi_cuda.build, "build_all", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("built again")))
     from lofi_cuda.engine import ONNXEngine
     from lofi.params import GenerateParams
     from lofi.acestep.pipeline import Pipeline
     info = Pipeline(root, ONNXEngine(root, "fp32", "cpu")).generate(
         GenerateParams("lofi", 5.0, infer_steps=2, seed=1), tmp_path / "o.wav")
     assert info["engine"] == "onnx" and (tmp_path / "o.wav").is_file()
+    # a second setup has nothing left to build
+    again = setup.run_setup(home, REV_A, precision="fp16", engine="onnx")
+    assert again.state == "ready" and again.converted == []
+
+
+def test_onnx_setup_without_the_onnx_package_is_not_ready(hub, home, monkeypatch, capsys):
+    """Downloaded and verified, but the engine could not build its graphs: setup says exactly what
+    is missing (never an extra the user has, never "ready") and the CLI exits non-zero."""
+    from lofi.cli import main
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.setenv("LOFI_HOME", str(home))
+    assert main(["setup", "ace-step", "--yes", "--engine", "onnx", "--quiet", "--revision", REV_A]) == 1
+    err = capsys.readouterr().err
+    assert "NOT ready" in err and "onnx (builds the graphs)" in err and "lofi[onnx-cpu]" in err
+    assert "is ready" not in err and "export" not in err
+    assert not (home / "ace-step" / "onnx").exists()
