@@ -8,7 +8,8 @@ starts on its own thread after the response and reports through notifications:
                      bytes_total, overall_percent}     at most 4 a second, plus each file's ends
   setup_complete    {backend, state: "ready", revision, downloaded, repaired, converted, removed,
                      notes}
-  setup_error       {backend, code, message, data}
+  setup_error       {backend, code, message, data}  (also when downloaded but the engine cannot
+                     run: MODEL_LOAD_FAILED, the message names what is missing)
 A setup already running answers {started: false, running: true} with its progress. Only one
 setup runs per checkpoint folder, across processes (CLI and daemons share a lock).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from lofi.errors import INVALID_PARAMS, MODEL_NOT_FOUND, LofiError
+from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
 
 log = logging.getLogger("lofi.setup")
 
@@ -96,6 +97,11 @@ def _run(d, home, kwargs: dict) -> None:
         worker = getattr(d, "worker", None)
         if worker is not None:
             worker.release_requested.set()  # drop networks loaded from the files just replaced
+        if result.state != "ready":  # downloaded, but the engine cannot run: say what is missing
+            d.notify("setup_error", {"backend": "ace-step", "code": MODEL_LOAD_FAILED,
+                                     "message": "downloaded and verified, but not ready to generate: "
+                                     + "; ".join(result.notes), "data": result.as_dict()})
+            return
         d.notify("setup_complete", result.as_dict())
 
 
