@@ -134,7 +134,7 @@ class Graph:
         else:
             chunks = arr_or_chunks
         for c in chunks:
-            self._data.write(np.ascontiguousarray(c, dtype=target).tobytes())
+            self._data.write(memoryview(np.ascontiguousarray(c, dtype=target)).cast("B"))
         length = self._data.tell() - pos
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(target).itemsize
         if length != expected:
