@@ -11,8 +11,8 @@ the Hugging Face layout (config.json + fp16 safetensors) is written to a tempora
 text encoding, sampling with the shared sampler (Euler + APG, guided steps batched [cond; null]),
 DCAE decode and vocoder, like the daemon's pipeline. Reported per engine: seconds per guided
 DiT step (one batch-2 velocity call) and the end-to-end real-time factor (audio seconds / wall
-seconds; > 1 is faster than real time). Needs mlx, onnxruntime and the `export` extra (torch,
-onnx) for the one-time ONNX export, which is timed separately.
+seconds; > 1 is faster than real time). Needs mlx, onnxruntime, onnx (the one-time graph build,
+timed separately) and torch (only to lay out the synthetic checkpoint's tensors).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats:
     eng = create_engine(checkpoint, name, "fp32", "cpu", threads=threads, keep_loaded=True)
     pipe = Pipeline(checkpoint, eng)
     params = GenerateParams(prompt="lofi hip hop, mellow piano", duration_sec=seconds, infer_steps=steps, seed=7)
-    # warm-up with the job's shapes: loads every network (exports the ONNX graphs the first
+    # warm-up with the job's shapes: loads every network (builds the ONNX graphs the first
     # time); MLX also compiles its CPU kernels per new shape here (seconds per shape)
     pipe.audio_44k(pipe.latents(GenerateParams(prompt=params.prompt, duration_sec=seconds, infer_steps=2,
                                                seed=1), frames=frames))
@@ -277,7 +277,9 @@ def main(argv=None) -> int:
     if args.checkpoint is None:
         tmp = tempfile.mkdtemp(prefix="lofi-bench-")
         args.checkpoint = Path(tmp) / "checkpoint"
-    os.environ.setdefault("LOFI_ONNX_CACHE", str(args.checkpoint.parent / "onnx-cache"))
+    # the ONNX graphs of a checkpoint outside LOFI_HOME are built under LOFI_HOME/onnx: keep them
+    # beside the benchmark's checkpoint, not in the user's LOFI_HOME
+    os.environ.setdefault("LOFI_HOME", str(args.checkpoint.parent / "lofi-home"))
     try:
         if not (args.checkpoint / "ace_step_transformer" / "config.json").is_file():
             t0 = time.perf_counter()
