@@ -316,3 +316,40 @@ def test_engine_runs_without_mlx(engine, tmp_path):
                        cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok onnx cpu []" in r.stdout
+
+
+def test_cuda_problems_name_the_missing_piece(monkeypatch):
+    """Each way CUDA can be unusable gets its own message and fix, never an extra already there."""
+    from lofi_cuda import runtime
+
+    class FakeOrt:
+        def __init__(self, providers, error=None, heal_on_preload=False):
+            self.providers, self.error, self.heal, self.preloaded = providers, error, heal_on_preload, 0
+
+        def get_available_providers(self):
+            return self.providers
+
+        def InferenceSession(self, model, providers):
+            if self.error and not (self.heal and self.preloaded):
+                raise RuntimeError(self.error)
+            return type("S", (), {"get_providers": lambda s: ["CUDAExecutionProvider", "CPUExecutionProvider"]})()
+
+        def preload_dlls(self):
+            self.preloaded += 1
+
+    def problem(fake, dists):
+        monkeypatch.setattr(runtime, "ort", lambda: fake)
+        monkeypatch.setattr(runtime, "_dist", lambda name: name in dists)
+        return runtime._diagnose()
+
+    cpu_only = ["CPUExecutionProvider"]
+    assert "pip install 'lofi[cuda]'" in problem(FakeOrt(cpu_only), {"onnxruntime"})
+    shadow = problem(FakeOrt(cpu_only), {"onnxruntime", "onnxruntime-gpu"})
+    assert "shadows" in shadow and "pip uninstall -y onnxruntime onnxruntime-gpu" in shadow
+    missing = "libcudnn.so.9: cannot open shared object file: No such file or directory"
+    fake = FakeOrt(["CUDAExecutionProvider"] + cpu_only, error=missing)
+    msg = problem(fake, {"onnxruntime-gpu"})
+    assert fake.preloaded == 1 and "libcudnn.so.9" in msg and "onnxruntime-gpu[cuda,cudnn]" in msg
+    assert "lofi[cuda]" not in msg  # the user has it: the fix is the libraries
+    healed = FakeOrt(["CUDAExecutionProvider"] + cpu_only, error=missing, heal_on_preload=True)
+    assert problem(healed, {"onnxruntime-gpu"}) is None and healed.preloaded == 1
