@@ -69,7 +69,7 @@ def build_graphs(checkpoint, folder: Path, precision: str, log=print):
     from lofi_cuda.build import dcae, dit, umt5, vocoder
     dt = _dtype(precision)
     steps = (("text_encoder", lambda: [("text_encoder", umt5.build(checkpoint, folder, dt))]),
-             ("dit", lambda: dit.build(checkpoint, folder, dt)),
+             ("dit", lambda: dit.build(checkpoint, folder, dt)),   # dit_encode, then dit_decode
              ("dcae_decode", lambda: [("dcae_decode", dcae.build(checkpoint, folder, dt, "decoder"))]),
              ("dcae_encode", lambda: [("dcae_encode", dcae.build(checkpoint, folder, dt, "encoder"))]),
              ("vocoder", lambda: [("vocoder", vocoder.build(checkpoint, folder, dt))]))
@@ -79,6 +79,7 @@ def build_graphs(checkpoint, folder: Path, precision: str, log=print):
             inputs, outputs = G.GRAPHS[name]
             spec.update(inputs=list(inputs), outputs=list(outputs))
             log(f"  {name}: {spec['weight_bytes'] / 1e6:.1f} MB of weights, {time.perf_counter() - t0:.1f} s")
+            t0 = time.perf_counter()
             yield name, spec
 
 

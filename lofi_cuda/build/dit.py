@@ -176,11 +176,11 @@ def lyric_config(w: Weights) -> LyricEncoderConfig:
     return LyricEncoderConfig.from_weights({k: SimpleNamespace(shape=w.shape(k)) for k in w.keys()})
 
 
-def build(root, folder, dtype) -> list[tuple[str, dict]]:
+def build(root, folder, dtype):
+    """Yield ("dit_encode", entry) then ("dit_decode", entry) as each graph is written."""
     w = Weights(root, "transformer", drop_prefixes=DIT_UNUSED_PREFIXES, drop_parts=DIT_UNUSED_PARTS)
     cfg = DiTConfig.from_dict(w.config)
     lc = lyric_config(w)
-    out = []
     g = Graph("dit_encode", folder, dtype)
     try:
         b = Builder(g, w, cfg)
@@ -191,10 +191,11 @@ def build(root, folder, dtype) -> list[tuple[str, dict]]:
         ctx, mask = b.encode(*ins, lc)
         g.output(ctx, "ctx", ["B", "L", cfg.width])
         g.output(mask, "ctx_mask", ["B", "L"])
-        out.append(("dit_encode", g.save("ACE-Step v1 DiT: condition encoder")))
+        entry = g.save("ACE-Step v1 DiT: condition encoder")
     except BaseException:
         g.abandon()
         raise
+    yield "dit_encode", entry
     g = Graph("dit_decode", folder, dtype)
     try:
         b = Builder(g, w, cfg)
@@ -205,8 +206,8 @@ def build(root, folder, dtype) -> list[tuple[str, dict]]:
                g.input("sin_ctx", F32, ["L", cfg.head_dim])]
         g.output(b.decode(*ins), "velocity", ["B", cfg.out_channels, cfg.patch_height, "T"])
         w.finish()
-        out.append(("dit_decode", g.save("ACE-Step v1 DiT: one velocity evaluation")))
+        entry = g.save("ACE-Step v1 DiT: one velocity evaluation")
     except BaseException:
         g.abandon()
         raise
-    return out
+    yield "dit_decode", entry
