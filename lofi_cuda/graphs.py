@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 from lofi.checkpoint import COMPONENTS, component_dir, weight_files
-from lofi.errors import MODEL_LOAD_FAILED, LofiError
 
 FORMAT = 1
 MANIFEST = "manifest.json"

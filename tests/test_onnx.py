@@ -353,3 +353,25 @@ def test_cuda_problems_name_the_missing_piece(monkeypatch):
     assert "lofi[cuda]" not in msg  # the user has it: the fix is the libraries
     healed = FakeOrt(["CUDAExecutionProvider"] + cpu_only, error=missing, heal_on_preload=True)
     assert problem(healed, {"onnxruntime-gpu"}) is None and healed.preloaded == 1
+
+
+def test_build_is_strict_about_the_checkpoint(ckpt_copy, tmp_path):
+    """A missing, mis-shaped or unknown weight stops the build with its name, and leaves no
+    half-built folder that could pass for graphs."""
+    from safetensors.numpy import load_file, save_file
+
+    from lofi_cuda.build import build_all
+    path = ckpt_copy / "music_vocoder" / "diffusion_pytorch_model.safetensors"
+    original = load_file(str(path))
+    out = tmp_path / "graphs" / "fp32"
+    cases = {"backbone.norm.weight": lambda w: w.pop("backbone.norm.weight"),
+             "backbone.stages.0.0.gamma": lambda w: w.update({"backbone.stages.0.0.gamma": np.ones(3, np.float32)}),
+             "head.extra.weight": lambda w: w.update({"head.extra.weight": np.ones(2, np.float32)})}
+    for key, change in cases.items():
+        weights = dict(original)
+        change(weights)
+        save_file(weights, str(path))
+        with pytest.raises(LofiError) as e:
+            build_all(ckpt_copy, out, "fp32", log=lambda *a: None)
+        assert e.value.code == MODEL_LOAD_FAILED and key in e.value.message, e.value.message
+        assert not out.exists() and list(out.parent.iterdir()) == []

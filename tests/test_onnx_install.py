@@ -20,7 +20,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 import soundfile as sf
 
 from tests.conftest import CHECKPOINT

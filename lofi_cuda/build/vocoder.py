@@ -8,6 +8,7 @@ linear reads its input in the run dtype and adds its bias in fp32.
 from __future__ import annotations
 
 from lofi.acestep.configs import VocoderConfig
+from lofi.errors import MODEL_LOAD_FAILED, LofiError
 
 from lofi_cuda.build.graph import F32, Graph, Value
 from lofi_cuda.build.weights import Weights, fold_weight_norm
@@ -28,8 +29,8 @@ class Builder:
                 return fold_weight_norm(self.w.get(base + gs), self.w.get(base + vs))
         return self.w.get(base + ".weight")  # reports the missing key
 
-    def bias(self, base: str) -> Value:
-        return self.g.param(self.w.get(base + ".bias"), name=base + ".bias").float()
+    def bias(self, base: str, n: int) -> Value:
+        return self.g.param(self.w.get(base + ".bias", (n,)), name=base + ".bias").float()
 
     def conv(self, x: Value, base: str, cin: int, cout: int, kernel: int, dilation=1, groups=1,
              padding=None, transpose_stride=0) -> Value:
@@ -46,7 +47,7 @@ class Builder:
         else:
             p = dilation * (kernel - 1) // 2 if padding is None else padding
             y = g.op("Conv", x, w, pads=[p, p], dilations=[dilation], group=groups, kernel_shape=[kernel])
-        return y.float() + g.unsqueeze(self.bias(base), [1])
+        return y.float() + g.unsqueeze(self.bias(base, cout), [1])
 
     def layer_norm(self, x: Value, base: str, dims: int, eps: float = 1e-6) -> Value:
         """LayerNorm over channels (axis 1), fp32 throughout."""
@@ -67,7 +68,7 @@ class Builder:
             raise_shape(self.w, base, arr.shape, (cout, cin))
         w = g.param(arr, name=base + ".weight")
         y = g.op("MatMul", w, g.cast(x, w.dtype))                    # [B, cout, L]
-        return y.float() + g.unsqueeze(self.bias(base), [1])
+        return y.float() + g.unsqueeze(self.bias(base, cout), [1])
 
     def convnext(self, x: Value, base: str, dims: int, kernel: int) -> Value:
         g = self.g
@@ -121,7 +122,6 @@ class Builder:
 
 
 def raise_shape(w: Weights, base, have, want):
-    from lofi.errors import MODEL_LOAD_FAILED, LofiError
     raise LofiError(MODEL_LOAD_FAILED, f"{w.folder}: weight {base} has shape {list(have)}, "
                     f"the network expects {list(want)}")
 
