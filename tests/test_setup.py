@@ -507,6 +507,26 @@ def test_daemon_setup_method_refusals(hub, home, monkeypatch):
     assert hub.gets() == []
 
 
+def test_daemon_setup_for_an_engine_that_cannot_run_is_an_error(hub, home, monkeypatch):
+    """Downloaded and verified, but the ONNX engine lacks its graph builder: the editor gets
+    setup_error naming the missing package, never setup_complete."""
+    from lofi.daemon import setup as daemon_setup
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    d = FakeDaemon(home)
+    d.backends = type("B", (), {"engine_name": staticmethod(lambda: "onnx")})()
+    call = FakeCall()
+    assert daemon_setup.handle_setup(d, {"backend": "ace-step", "revision": REV_A}, call)["started"]
+    call.deferred[0]()
+    deadline = time.monotonic() + 60
+    while not any(m in ("setup_complete", "setup_error") for m, _ in d.notes):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    method, params = d.notes[-1]
+    assert method == "setup_error" and params["code"] == "MODEL_LOAD_FAILED", d.notes[-1]
+    assert "not ready" in params["message"] and "onnx (builds the graphs)" in params["message"]
+    assert params["data"]["state"] == "incomplete"
+
+
 def test_real_daemon_setup_survives_a_kill_and_resumes(hub, tmp_path):
     """`lofi-daemon`: setup answers at once, streams download_progress while ping still answers;
     killed mid-download, a new daemon resumes the partial file with a Range request."""
