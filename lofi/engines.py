@@ -71,8 +71,12 @@ def default_engine(device: str = "auto", checkpoint=None) -> str:
     avail = available_engines(checkpoint)
     ok = [n for n in ENGINES if avail[n] == "available"]
     if not ok:
-        raise LofiError(MODEL_LOAD_FAILED, "no inference engine installed: pip install 'lofi[mlx]' "
-                        "(macOS, Linux CPU) or 'lofi[cuda]' (NVIDIA GPU)")
+        if not _installed("onnxruntime") and not _installed("mlx"):
+            raise LofiError(MODEL_LOAD_FAILED, "no inference engine installed: pip install 'lofi[mlx]' "
+                            "(macOS), 'lofi[cuda]' (NVIDIA GPU) or 'lofi[onnx-cpu]' (other CPUs)")
+        # an engine is half there: name what it lacks, not an extra the user already has
+        raise LofiError(MODEL_LOAD_FAILED, "no inference engine can run: " + "; ".join(
+            f"{n}: {state.removeprefix('not_installed: ')}" for n, state in avail.items()))
     if _apple_silicon() and "mlx" in ok:
         return "mlx"
     if device != "cpu" and "onnx" in ok and cuda_usable():
