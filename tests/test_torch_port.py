@@ -1,4 +1,4 @@
-"""The PyTorch export port (convert/torch_port) against the reference goldens.
+"""The PyTorch port (convert/torch_port, the ONNX graphs' test oracle) against the reference goldens.
 
 The ONNX graphs are traced from these modules, so they must match the reference themselves:
 fp32 at atol 1e-4 for single modules, 1e-3 for waveforms (the tolerances of the MLX port).

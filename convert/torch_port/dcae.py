@@ -1,4 +1,4 @@
-"""Music DCAE (diffusers `AutoencoderDC` as ACE-Step v1 uses it) in PyTorch, for ONNX export.
+"""Music DCAE (diffusers `AutoencoderDC` as ACE-Step v1 uses it) in PyTorch, the oracle for the ONNX graphs.
 
 Channels-first NCHW throughout, so the checkpoint's conv weights load as they are. The graph
 wrappers include ACE-Step's own latent and mel constants (spec §8.1, §8.4), so their IO is:

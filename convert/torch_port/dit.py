@@ -1,4 +1,4 @@
-"""ACE-Step v1 diffusion transformer in PyTorch, for ONNX export (spec §4).
+"""ACE-Step v1 diffusion transformer in PyTorch, the oracle for the ONNX graphs (spec §4).
 
 Two graphs, as the sampler uses them:
 * `DiTEncode`: text hidden states + lyrics -> cross-attention context (once per condition);

@@ -1,4 +1,4 @@
-"""UMT5 encoder (umt5-base, encoder only) in PyTorch, for ONNX export (spec §2.2).
+"""UMT5 encoder (umt5-base, encoder only) in PyTorch, the oracle for the ONNX graphs (spec §2.2).
 
 T5 conventions: no embedding scaling, no 1/sqrt(d) in attention, RMS norm without mean or bias,
 gated tanh-GELU FFN; every layer has its own relative-position bias table.

@@ -1,4 +1,4 @@
-"""ACE-Step's vocoder (ADaMoSHiFiGANV1) in PyTorch, for ONNX export (spec §9).
+"""ACE-Step's vocoder (ADaMoSHiFiGANV1) in PyTorch, the oracle for the ONNX graphs (spec §9).
 
 Graph interface: `forward(mel [B, 128, F] fp32) -> wave [B, 512·F] fp32`. Channels-first,
 so the checkpoint's conv weights load as they are once weight norm is folded.

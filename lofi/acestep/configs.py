@@ -1,7 +1,7 @@
 """Configurations of the five ACE-Step v1 networks, framework-free (stdlib only).
 
-Shared by the MLX networks (`lofi_mlx.acestep.*`, which re-export them under their old names)
-and the torch export port (`convert.torch_port.*`), which must not import mlx. Each
+Shared by the MLX networks (`lofi_mlx.acestep.*`, which re-export them under their old names),
+the ONNX graph builder (`lofi_cuda.build`) and the torch oracle port (`convert.torch_port.*`). Each
 `from_dict` reads a component's config.json and rejects variants the ports do not implement,
 naming the file; `LyricEncoderConfig.from_weights` reads sizes from weight shapes because the
 reference hard-codes them.
