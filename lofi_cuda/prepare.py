@@ -56,6 +56,15 @@ def pending(root: str | Path, precision: str) -> str | None:
     return f"to build the ONNX graphs ({p}) in {out}"
 
 
+def prepare_bytes(root, remote, precision: str) -> int:
+    """Upper bound of the disk the graphs take: fp32 graphs are up to twice a 16-bit checkpoint."""
+    if missing_packages() or pending(root, precision) is None:
+        return 0
+    from lofi.hub.setup import is_weight_file
+    weights = sum(f.size for f in remote.files if is_weight_file(f.path))
+    return weights * (2 if _precision(precision) == "fp32" else 1)
+
+
 def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[str]]:
     """Build the graphs next to the checkpoint (`onnx/<precision>/`), where the engine looks first.
     GPUs run the planned precision; CPUs the fp32 graphs (ONNX Runtime's CPU kernels are fp32)."""
@@ -71,6 +80,7 @@ def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[
     out = graph_dir(root, precision)
     if stale_reason(out, root, precision) is None:
         return True, []
+    # old graphs stay until the new folder replaces them: the whole new size must fit
     check_free(_weight_bytes(root) * (2 if precision == "fp32" else 1))
     name = f"onnx/{precision}"
     progress.emit("converting", name, 0, 6, force=True)

@@ -9,11 +9,15 @@ from convert.to_mlx import (conversion_fresh, convert_checkpoint, converted_prec
                             stale_components)
 from lofi.checkpoint import COMPONENTS
 
-__all__ = ["stale_components", "prepare", "conversion_fresh", "model_ready", "pending"]
+__all__ = ["stale_components", "prepare", "conversion_fresh", "model_ready", "pending", "prepare_bytes"]
 
 
 def pending(root: str | Path, precision: str) -> str | None:
     return None  # what MLX converts is the plan's convert_components
+
+
+def prepare_bytes(root, remote, precision: str) -> int:
+    return 0  # counted from convert_components by the plan
 
 
 def model_ready(root: str | Path, precision: str) -> bool:

@@ -585,6 +585,9 @@ def test_setup_for_the_onnx_engine_builds_graphs_it_then_uses(hub, home, monkeyp
     pytest.importorskip("onnx")
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setenv("LOFI_HOME", str(home))
+    weights = sum(f.stat().st_size for f in CHECKPOINT.rglob("*.safetensors"))
+    # the disk check counts the graphs (fp32 on this CPU: up to twice the 16-bit weights)
+    assert setup.plan_setup(home, REV_A, precision="fp16", engine="onnx").convert_bytes == 2 * weights
     events = []
     result = setup.run_setup(home, REV_A, precision="fp16", engine="onnx", on_progress=events.append)
     assert result.state == "ready" and result.converted == ["onnx/fp32"]
@@ -602,6 +605,7 @@ def test_setup_for_the_onnx_engine_builds_graphs_it_then_uses(hub, home, monkeyp
         GenerateParams("lofi", 5.0, infer_steps=2, seed=1), tmp_path / "o.wav")
     assert info["engine"] == "onnx" and (tmp_path / "o.wav").is_file()
     # a second setup has nothing left to build
+    assert setup.plan_setup(home, REV_A, precision="fp16", engine="onnx").convert_bytes == 0
     again = setup.run_setup(home, REV_A, precision="fp16", engine="onnx")
     assert again.state == "ready" and again.converted == []
 

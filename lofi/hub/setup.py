@@ -159,6 +159,8 @@ def plan_setup(home: str | Path | None = None, revision: str | None = None, prec
                   if is_weight_file(f.path) and spec.component_of(f.path) == comp)
         # Upper bound for a 16-bit source; an fp32 source only makes the output smaller.
         plan.convert_bytes += src * (2 if precision == "fp32" else 1)
+    if engine != "none":  # what the engine's own preparation writes (the ONNX graphs)
+        plan.convert_bytes += _hooks(engine).prepare_bytes(root, remote, precision)
     plan.free_bytes = (free or free_space)(root)
     return plan
 
