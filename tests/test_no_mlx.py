@@ -103,7 +103,7 @@ def test_cuda_install_does_not_pull_mlx():
 def test_cli_generates_with_onnx_and_no_mlx(tmp_path):
     py = venv_without_mlx(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
-    env.update(LOFI_HOME=str(tmp_path / "home"), LOFI_ONNX_CACHE=str(tmp_path / "onnx"))
+    env.update(LOFI_HOME=str(tmp_path / "home"))
     out = tmp_path / "t.wav"
     r = subprocess.run([str(py), "-m", "lofi.cli", "generate", "--checkpoint", str(CHECKPOINT),
                         "--prompt", "rain", "--duration", "5", "--steps", "2", "--seed", "3",
