@@ -254,7 +254,7 @@ def _write_checkpoint(tmp_path, weights):
 
 @pytest.fixture(scope="module")
 def raw_weights():
-    return load_component(CHECKPOINT, "transformer")[1]
+    return {k: np.asarray(v) for k, v in load_component(CHECKPOINT, "transformer")[1].items()}
 
 
 def _load_error(tmp_path, weights):
