@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate one track to a file")
     g.add_argument("--prompt", required=True, help="style tags, e.g. 'lofi hip hop, jazzy piano'")
     g.add_argument("--duration", type=float, required=True, help="seconds, 5-240")
+    g.add_argument("--lyrics", default="[inst]",
+                   help='"[inst]" (instrumental, default) or "" (the reference\'s empty-lyrics path)')
     g.add_argument("--steps", type=int, default=27, help="diffusion steps (default 27)")
     g.add_argument("--scheduler", default="euler", help="|".join(SCHEDULERS))
     g.add_argument("--cfg-type", default="apg", help="|".join(CFG_TYPES))
@@ -81,7 +83,8 @@ def cmd_generate(args) -> int:
         raise LofiError("INVALID_PARAMS", f"--out: unsupported format {fmt!r}; use .wav or .flac")
     params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, infer_steps=args.steps,
                             guidance_scale=args.guidance, scheduler=args.scheduler,
-                            cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed)
+                            cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed,
+                            lyrics=args.lyrics)
     params.validate()
     from lofi.acestep.pipeline import check_model
     ckpt = args.checkpoint or default_checkpoint()
