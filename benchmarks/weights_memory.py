@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,8 +28,23 @@ sys.path.insert(0, str(ROOT))
 REV = "c0" * 20
 
 
-def _child_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: kB
+# A child forked from this process starts with this process's resident pages (the Hub double
+# maps the whole checkpoint), and ru_maxrss counts them; a small launcher process measures instead.
+_LAUNCH = r"""
+import json, resource, subprocess, sys
+r = subprocess.run(sys.argv[2:])
+with open(sys.argv[1], "w") as fh:
+    json.dump({"rc": r.returncode, "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, fh)
+"""
+
+
+def run_measured(cmd: list[str], env: dict, **kw) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd`; returns (the launcher's process, the command's peak RSS in MB)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCH, out.name] + cmd, env=env, **kw)
+        peak = json.loads(Path(out.name).read_text())["peak_kb"] / 1024
+    return proc, peak
 
 
 def run_setup(src: Path, home: Path, engine: str, precision: str) -> dict:
@@ -47,12 +61,12 @@ def run_setup(src: Path, home: Path, engine: str, precision: str) -> dict:
     cmd = [sys.executable, "-m", "lofi.cli", "setup", "ace-step", "--yes", "--home", str(home),
            "--revision", REV, "--engine", engine, "--precision", precision]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc, peak = run_measured(cmd, env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     server.stop()
     return {"what": "setup", "engine": engine, "precision": precision, "rc": proc.returncode,
             "wall_s": round(wall, 1), "server_hash_s": round(hashed, 1),
-            "peak_rss_mb": round(_child_peak_mb()), "stderr_tail": proc.stderr[-600:]}
+            "peak_rss_mb": round(peak), "stderr_tail": proc.stderr[-600:]}
 
 
 _DIRECT = r"""

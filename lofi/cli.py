@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=15.0, help="guidance scale (default 15)")
     g.add_argument("--omega", type=float, default=10.0, help="omega (granularity) scale")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    g.add_argument("--precision", default=os.environ.get("LOFI_PRECISION", "auto"), choices=PRECISIONS,
+                   help="auto (default): bf16 on a GPU, fp32 on a CPU")
     g.add_argument("--engine", default=os.environ.get("LOFI_ENGINE", "auto"),
                    choices=("auto", "mlx", "onnx"))
     g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"),
@@ -88,15 +89,16 @@ def cmd_generate(args) -> int:
     params.validate()
     from lofi.acestep.pipeline import check_model
     ckpt = args.checkpoint or default_checkpoint()
-    # refuse a missing or damaged model before any network loads
-    check_model(ckpt, "onnx" if args.engine == "onnx" else "mlx", args.precision)
     if not args.out.parent.is_dir():
         raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")
 
     from lofi.engines import create_engine
     from lofi.acestep.pipeline import Pipeline
+    # creating the engine loads no network; it settles the device and what `auto` means there
     engine = create_engine(ckpt, args.engine, args.precision, args.device,
                            keep_loaded=args.keep_loaded)
+    # refuse a missing or damaged model before any network loads
+    check_model(ckpt, engine.name, engine.precision)
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty() or os.environ.get("LOFI_PROGRESS") == "1")
     info = Pipeline(ckpt, engine).generate(params, args.out, fmt=fmt, progress=bar)
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)

@@ -12,7 +12,7 @@ from lofi.errors import INVALID_DURATION, INVALID_PARAMS, LofiError
 MIN_DURATION, MAX_DURATION = 5.0, 240.0
 SCHEDULERS = ("euler", "heun", "pingpong")
 CFG_TYPES = ("apg", "cfg", "cfg_star")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: bf16 on GPUs, fp32 on CPUs
 FORMATS = ("wav", "flac")
 SAMPLE_RATE = 48000
 

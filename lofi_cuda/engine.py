@@ -48,9 +48,9 @@ OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 class ONNXEngine:
     name = "onnx"
 
-    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
+    def __init__(self, checkpoint: str | Path, precision: str = "auto", device: str = "auto",
                  threads: int | None = None, keep_loaded: bool = False, log=None):
-        if precision not in PRECISIONS:
+        if precision not in PRECISIONS and precision != "auto":
             raise LofiError(MODEL_LOAD_FAILED, f"the ONNX engine runs fp32 or fp16, not {precision!r}")
         if device not in ("auto", "cpu", "gpu", "cuda"):
             raise LofiError(INVALID_PARAMS, f"unknown device {device!r} (auto, cpu or gpu)")
@@ -70,6 +70,8 @@ class ONNXEngine:
             raise LofiError(MODEL_LOAD_FAILED, "LOFI_DEVICE=gpu but ONNX Runtime has no usable CUDA "
                             f"device (providers: {', '.join(self.ort.get_available_providers())}; "
                             "install onnxruntime-gpu with a matching CUDA/cuDNN)")
+        from lofi.engines import resolve_precision
+        self.precision = resolve_precision("onnx", precision, self.device)
         self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
         if level not in OPT_LEVELS:

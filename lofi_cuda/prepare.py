@@ -43,7 +43,8 @@ def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[
         notice(note)
         return True, []
     from convert import to_onnx
-    precision = plan.precision if cuda_usable() else "fp32"
+    # ONNX Runtime runs fp16 on CUDA (what `auto` picks there: bf16 requests map to it), fp32 on CPUs
+    precision = ("fp32" if plan.precision == "fp32" else "fp16") if cuda_usable() else "fp32"
     out = root / "onnx" / precision
     progress.emit("converting", f"onnx/{precision}", 0, 1, force=True)
     to_onnx.export_all(root, out, precision, log=lambda *a: None)
