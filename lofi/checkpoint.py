@@ -9,11 +9,11 @@ as `ml_dtypes.bfloat16` (exact, no widening) unless `widen=True` asks for float3
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from lofi.errors import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
@@ -26,10 +26,22 @@ COMPONENTS = {
 }
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,  # see _dtype
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+@functools.cache
+def _bf16():
+    """numpy's bfloat16 (ml_dtypes), imported on first use: its import costs seconds, which a
+    daemon answering its first request must not pay."""
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _dtype(name: str) -> np.dtype:
+    return _bf16() if name == "BF16" else np.dtype(_DTYPES[name])
 
 
 def component_dir(root: str | Path, component: str) -> Path:
@@ -182,7 +194,7 @@ def _reader(path: Path, offset: int, count: int, dtype, shape, widen: bool):
         if a.size != count:
             raise LofiError(MODEL_LOAD_FAILED, f"damaged or truncated weight file {path}")
         a = a.reshape(shape)
-        return a.astype(np.float32) if widen and a.dtype == ml_dtypes.bfloat16 else a
+        return a.astype(np.float32) if widen and a.dtype == _bf16() else a
     return read
 
 
@@ -194,13 +206,13 @@ def open_safetensors(path: Path, widen: bool = False) -> dict[str, LazyTensor]:
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        dt = np.dtype(_DTYPES[info["dtype"]])
+        dt = _dtype(info["dtype"])
         shape = tuple(info["shape"])
         count = int(np.prod(shape))
         if count * dt.itemsize != end - start:
             raise LofiError(MODEL_LOAD_FAILED, f"damaged weight file {path}: tensor {name} has "
                             f"{(end - start) // dt.itemsize} values for shape {list(shape)}")
-        out[name] = LazyTensor(shape, np.float32 if widen and dt == ml_dtypes.bfloat16 else dt,
+        out[name] = LazyTensor(shape, np.float32 if widen and info["dtype"] == "BF16" else dt,
                                _reader(path, offset + start, count, dt, shape, widen))
     return out
 
