@@ -28,7 +28,7 @@ from typing import Callable
 from lofi.checkpoint import COMPONENTS, read_config, weight_files
 
 FORMAT = 1
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "bf16", "fp32")
 # The modules whose code decides what a component's converted weights are.
 _MODULES = {
     "text_encoder": ("umt5",),
@@ -116,6 +116,15 @@ def _source_record(root: Path, rel: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256, "git_sha1": git_sha1}
 
 
+def _output_bytes(root: Path, component: str, precision: str) -> int:
+    """Upper bound of a converted file's size: every source value at 4 bytes (fp32) or 2."""
+    from lofi.checkpoint import open_safetensors
+    def per(name: str) -> int:  # UMT5's wo is an fp32 island at every precision
+        return 4 if precision == "fp32" or name.endswith("wo.weight") else 2
+    return sum(v.size * per(k) for f in weight_files(root / COMPONENTS[component])
+               for k, v in open_safetensors(f).items())
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -138,9 +147,72 @@ def build(root: str | Path, component: str, precision: str):
 
 
 def convert_component(root: str | Path, component: str, precision: str = "fp16") -> dict:
-    """{parameter name: mx.array} of one network, sanitized and cast as the engine holds it."""
+    """{parameter name: mx.array} of one network, sanitized and cast as the engine holds it
+    (the whole network in memory: for tests; conversion streams with `write_component`)."""
     from mlx.utils import tree_flatten
     return dict(tree_flatten(build(root, component, precision).parameters()))
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class SafetensorsSink:
+    """Receives a network's parameters one at a time (`common.params_to`) and writes them to a
+    safetensors file as they come: the header first (names, shapes and dtypes are known before
+    any value), then each tensor's bytes, in the order announced. mx.load reads the result."""
+
+    def __init__(self, path: Path, metadata: dict):
+        self.path, self.metadata, self.fh, self.order, self.nbytes = path, metadata, None, [], 0
+
+    def begin(self, entries) -> None:
+        import numpy as np
+        if self.fh is not None:
+            raise RuntimeError("one network per file")
+        header, offset = {"__metadata__": {k: str(v) for k, v in self.metadata.items()}}, 0
+        for name, shape, dtype in entries:
+            kind = _ST_DTYPES[str(dtype).rsplit(".", 1)[-1]]
+            n = int(np.prod(shape)) * (4 if kind == "F32" else 2)
+            header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            self.order.append((name, n))
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        self.fh = open(self.path, "wb")
+        self.fh.write(len(head).to_bytes(8, "little") + head)
+        self.nbytes = offset
+        self._next = 0
+
+    def write(self, name: str, array) -> None:
+        import numpy as np
+        from lofi_mlx.mlxrt import mx
+        want, n = self.order[self._next]
+        if name != want:
+            raise RuntimeError(f"parameter {name} out of order (expected {want})")
+        a = np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+        data = np.ascontiguousarray(a).tobytes()
+        if len(data) != n:
+            raise RuntimeError(f"{name}: {len(data)} bytes, the header says {n}")
+        self.fh.write(data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            if self._next != len(self.order):
+                raise RuntimeError(f"{self.path}: {self._next} of {len(self.order)} tensors written")
+
+
+def write_component(root: str | Path, component: str, precision: str, path: Path,
+                    metadata: dict) -> None:
+    """Convert one network straight to `path`, tensor by tensor: the module's own `load` runs
+    (same sanitize, casts and fp32 islands), but each parameter goes to disk, not into a model."""
+    from lofi_mlx.acestep.common import params_to
+    sink = SafetensorsSink(path, metadata)
+    try:
+        with params_to(sink):
+            build(root, component, precision)
+    finally:
+        sink.close()
 
 
 def convert_checkpoint(root: str | Path, precision: str = "fp16", components: list[str] | None = None,
@@ -175,18 +247,14 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
         sources = {rel: _source_record(root, rel) for rel in source_files(root, comp)}
         manifest["components"].pop(comp, None)
         _write_manifest(root, manifest)
-        weights = convert_component(root, comp, precision)
-        if on_progress:
-            on_progress(comp, 0.6)
-        if check_free:
-            check_free(sum(int(w.nbytes) for w in weights.values()))
+        if check_free:  # the output is at most the source widened to the run dtype
+            check_free(_output_bytes(root, comp, precision))
         dest = out_dir / f"{comp}.safetensors"
         tmp = out_dir / f".{comp}.{os.getpid()}.tmp.safetensors"
         try:
-            mx.save_safetensors(str(tmp), weights, metadata={
+            write_component(root, comp, precision, tmp, metadata={
                 "format": "mlx", "component": comp, "precision": precision,
                 "revision": str(manifest.get("revision") or "")})
-            del weights
             gc.collect()
             mx.clear_cache()
             if on_progress:

@@ -1,11 +1,15 @@
 """The Hugging Face layout of ACE-Step/ACE-Step-v1-3.5B: folders, config.json, safetensors.
 
-Engine-agnostic: tensors come back as numpy arrays (bf16 widened to fp32), so the MLX engine,
-the ONNX exporter and the converter share one reader with one set of error messages.
+Engine-agnostic, so the MLX engine, the ONNX exporter and the converter share one reader with
+one set of error messages. `load_component` streams: it returns `LazyTensor`s that read their
+bytes from the file only when converted (`np.asarray`), so a loader that converts and releases
+one tensor at a time never holds more than that tensor besides what it builds. BF16 comes back
+as `ml_dtypes.bfloat16` (exact, no widening) unless `widen=True` asks for float32.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -22,10 +26,22 @@ COMPONENTS = {
 }
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16",
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,  # see _dtype
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+@functools.cache
+def _bf16():
+    """numpy's bfloat16 (ml_dtypes), imported on first use: its import costs seconds, which a
+    daemon answering its first request must not pay."""
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _dtype(name: str) -> np.dtype:
+    return _bf16() if name == "BF16" else np.dtype(_DTYPES[name])
 
 
 def component_dir(root: str | Path, component: str) -> Path:
@@ -109,37 +125,111 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+class LazyTensor:
+    """A tensor read on demand: shape and dtype now, the values at `np.asarray` (each time anew,
+    from the file; nothing is cached). reshape/transpose/T/indexing/astype stay lazy, so a
+    sanitize step that only renames and re-lays-out keys costs no memory."""
+
+    __slots__ = ("shape", "dtype", "_read")
+
+    def __init__(self, shape, dtype, read):
+        self.shape, self.dtype, self._read = tuple(int(d) for d in shape), np.dtype(dtype), read
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape)))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+    def read(self) -> np.ndarray:
+        return self._read()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._read()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def _then(self, shape, fn, dtype=None) -> "LazyTensor":
+        return LazyTensor(shape, dtype or self.dtype, lambda: fn(self._read()))
+
+    def reshape(self, *shape):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if -1 in shape:
+            known = int(np.prod([d for d in shape if d != -1]))
+            shape = tuple(self.size // max(known, 1) if d == -1 else d for d in shape)
+        if int(np.prod(shape)) != self.size:
+            raise ValueError(f"cannot reshape {list(self.shape)} to {list(shape)}")
+        return self._then(shape, lambda a: a.reshape(shape))
+
+    def transpose(self, *axes):
+        axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        axes = axes or tuple(reversed(range(self.ndim)))
+        return self._then(tuple(self.shape[i] for i in axes), lambda a: a.transpose(axes))
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def __getitem__(self, idx):
+        shape = np.broadcast_to(np.empty((), np.uint8), self.shape)[idx].shape  # a view: no memory
+        return self._then(shape, lambda a: a[idx])
+
+    def astype(self, dtype, copy=True):
+        return self._then(self.shape, lambda a: a.astype(dtype), dtype)
+
+    def __repr__(self):
+        return f"LazyTensor(shape={list(self.shape)}, dtype={self.dtype})"
+
+
+def deferred(shape, dtype, fn) -> LazyTensor:
+    """A tensor computed by `fn()` when converted (e.g. a folded weight norm)."""
+    return LazyTensor(shape, dtype, fn)
+
+
+def _reader(path: Path, offset: int, count: int, dtype, shape, widen: bool):
+    def read() -> np.ndarray:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                a = np.fromfile(fh, dtype=dtype, count=count)
+        except (OSError, ValueError) as e:
+            raise LofiError(MODEL_LOAD_FAILED, f"cannot read {path}: {e}") from e
+        if a.size != count:
+            raise LofiError(MODEL_LOAD_FAILED, f"damaged or truncated weight file {path}")
+        a = a.reshape(shape)
+        return a.astype(np.float32) if widen and a.dtype == _bf16() else a
+    return read
+
+
+def open_safetensors(path: Path, widen: bool = False) -> dict[str, LazyTensor]:
+    """{name: LazyTensor} of a safetensors file; nothing but the header is read now."""
     header, offset = read_header(path)
     out = {}
-    try:
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise LofiError(MODEL_LOAD_FAILED, f"cannot read {path}: {e}") from e
     for name, info in header.items():
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        raw = buf[offset + start: offset + end]
-        dt = _DTYPES[info["dtype"]]
+        dt = _dtype(info["dtype"])
         shape = tuple(info["shape"])
-        if dt == "bf16":
-            arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(raw, dtype=dt)
-        if arr.size != int(np.prod(shape)):
+        count = int(np.prod(shape))
+        if count * dt.itemsize != end - start:
             raise LofiError(MODEL_LOAD_FAILED, f"damaged weight file {path}: tensor {name} has "
-                            f"{arr.size} values for shape {list(shape)}")
-        out[name] = arr.reshape(shape)
+                            f"{(end - start) // dt.itemsize} values for shape {list(shape)}")
+        out[name] = LazyTensor(shape, np.float32 if widen and info["dtype"] == "BF16" else dt,
+                               _reader(path, offset + start, count, dt, shape, widen))
     return out
 
 
-def load_component(root: str | Path, component: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, raw checkpoint tensors) of one component, before any key mapping."""
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a file in memory (goldens, small files); bf16 widened to fp32."""
+    return {k: np.asarray(v) for k, v in open_safetensors(path, widen=True).items()}
+
+
+def load_component(root: str | Path, component: str, widen: bool = False) -> tuple[dict, dict]:
+    """(config, {name: LazyTensor}) of one component, before any key mapping. Reads no weights:
+    each tensor is read from disk when converted, in its file dtype (bf16 as ml_dtypes.bfloat16,
+    or float32 with `widen`)."""
     cfg = read_config(root, component)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, LazyTensor] = {}
     for f in weight_files(component_dir(root, component)):
-        weights.update(load_safetensors(f))
+        weights.update(open_safetensors(f, widen))
     return cfg, weights
 
 

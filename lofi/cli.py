@@ -18,13 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate one track to a file")
     g.add_argument("--prompt", required=True, help="style tags, e.g. 'lofi hip hop, jazzy piano'")
     g.add_argument("--duration", type=float, required=True, help="seconds, 5-240")
+    g.add_argument("--lyrics", default="[inst]",
+                   help='"[inst]" (instrumental, default) or "" (the reference\'s empty-lyrics path)')
     g.add_argument("--steps", type=int, default=27, help="diffusion steps (default 27)")
     g.add_argument("--scheduler", default="euler", help="|".join(SCHEDULERS))
     g.add_argument("--cfg-type", default="apg", help="|".join(CFG_TYPES))
     g.add_argument("--guidance", type=float, default=15.0, help="guidance scale (default 15)")
     g.add_argument("--omega", type=float, default=10.0, help="omega (granularity) scale")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    g.add_argument("--precision", default=os.environ.get("LOFI_PRECISION", "auto"), choices=PRECISIONS,
+                   help="auto (default): bf16 on a GPU, fp32 on a CPU")
     g.add_argument("--engine", default=os.environ.get("LOFI_ENGINE", "auto"),
                    choices=("auto", "mlx", "onnx"))
     g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"),
@@ -81,19 +84,21 @@ def cmd_generate(args) -> int:
         raise LofiError("INVALID_PARAMS", f"--out: unsupported format {fmt!r}; use .wav or .flac")
     params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, infer_steps=args.steps,
                             guidance_scale=args.guidance, scheduler=args.scheduler,
-                            cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed)
+                            cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed,
+                            lyrics=args.lyrics)
     params.validate()
     from lofi.acestep.pipeline import check_model
     ckpt = args.checkpoint or default_checkpoint()
-    # refuse a missing or damaged model before any network loads
-    check_model(ckpt, "onnx" if args.engine == "onnx" else "mlx", args.precision)
     if not args.out.parent.is_dir():
         raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")
 
     from lofi.engines import create_engine
     from lofi.acestep.pipeline import Pipeline
+    # creating the engine loads no network; it settles the device and what `auto` means there
     engine = create_engine(ckpt, args.engine, args.precision, args.device,
                            keep_loaded=args.keep_loaded)
+    # refuse a missing or damaged model before any network loads
+    check_model(ckpt, engine.name, engine.precision)
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty() or os.environ.get("LOFI_PROGRESS") == "1")
     info = Pipeline(ckpt, engine).generate(params, args.out, fmt=fmt, progress=bar)
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)

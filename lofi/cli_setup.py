@@ -26,9 +26,8 @@ def add_setup_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--keep-original", dest="keep_original", action=argparse.BooleanOptionalAction,
                    default=None, help="keep the Hugging Face weight files after conversion "
                    "(default: keep, unless an earlier setup removed them)")
-    s.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
-                   help="precision of the converted MLX weights and of the ONNX graphs on a GPU "
-                   "(CPUs run fp32 graphs; default fp16)")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="precision of the converted MLX weights and of the ONNX graphs on a GPU (auto: bf16 for MLX, fp16 graphs on CUDA; CPUs run fp32 graphs)")
     s.add_argument("--engine", choices=("auto", "mlx", "onnx", "none"),
                    default=os.environ.get("LOFI_ENGINE", "auto"),
                    help="convert for this engine; none: download and verify only [LOFI_ENGINE]")

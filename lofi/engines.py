@@ -84,7 +84,17 @@ def default_engine(device: str = "auto", checkpoint=None) -> str:
     return next(n for n in CPU_ORDER if n in ok)
 
 
-def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "fp32",
+def resolve_precision(engine: str, precision: str, device: str) -> str:
+    """`auto`: bf16 on a GPU for MLX (Metal or CUDA: the checkpoint's own dtype, fp32's range),
+    fp16 on CUDA for ONNX Runtime (with the exported graphs' fp32 islands), fp32 on CPUs."""
+    if precision != "auto":
+        return precision
+    if device in ("gpu", "cuda"):
+        return "bf16" if engine == "mlx" else "fp16"
+    return "fp32"
+
+
+def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "auto",
                   device: str = "auto", threads: int | None = None, keep_loaded: bool = False):
     if name == "auto":
         name = default_engine(device, checkpoint)

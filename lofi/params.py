@@ -12,7 +12,7 @@ from lofi.errors import INVALID_DURATION, INVALID_PARAMS, LofiError
 MIN_DURATION, MAX_DURATION = 5.0, 240.0
 SCHEDULERS = ("euler", "heun", "pingpong")
 CFG_TYPES = ("apg", "cfg", "cfg_star")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: bf16 on GPUs, fp32 on CPUs
 FORMATS = ("wav", "flac")
 SAMPLE_RATE = 48000
 
@@ -33,6 +33,8 @@ class GenerateParams:
     use_erg_tag: bool = True
     use_erg_lyric: bool = True
     use_erg_diffusion: bool = True
+    # "[inst]": the reference UI's instrumental tag (its empty lyrics tend to give vocals)
+    lyrics: str = "[inst]"
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -65,6 +67,9 @@ class GenerateParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**32):
             bad("seed", f"must be an integer from 0 to {2**32 - 1} or null, got {self.seed!r}")
+        if not isinstance(self.lyrics, str) or self.lyrics not in ("[inst]", ""):
+            bad("lyrics", "only \"[inst]\" (instrumental, the default) or \"\" (the reference's "
+                f"empty-lyrics path) are supported for now, got {str(self.lyrics)[:40]!r}")
         for f in ("use_erg_tag", "use_erg_lyric", "use_erg_diffusion"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be true or false")

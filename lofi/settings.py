@@ -124,7 +124,7 @@ class Settings:
     threads: int | None = None
     queue_size: int = 5
     cache_size: int = 2 * 10**9
-    precision: str = "fp32"
+    precision: str = "auto"
     format: str = "wav"
     keep_loaded: bool = False
     log_level: str = "info"

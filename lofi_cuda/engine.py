@@ -48,9 +48,9 @@ OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 class ONNXEngine:
     name = "onnx"
 
-    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
+    def __init__(self, checkpoint: str | Path, precision: str = "auto", device: str = "auto",
                  threads: int | None = None, keep_loaded: bool = False, log=None):
-        if precision not in PRECISIONS:
+        if precision not in PRECISIONS and precision != "auto":
             raise LofiError(MODEL_LOAD_FAILED, f"the ONNX engine runs fp32 or fp16, not {precision!r}")
         if device not in ("auto", "cpu", "gpu", "cuda"):
             raise LofiError(INVALID_PARAMS, f"unknown device {device!r} (auto, cpu or gpu)")
@@ -69,6 +69,8 @@ class ONNXEngine:
         else:
             raise LofiError(MODEL_LOAD_FAILED, f"LOFI_DEVICE=gpu but ONNX Runtime cannot use the GPU: "
                             f"{cuda_problem()}")
+        from lofi.engines import resolve_precision
+        self.precision = resolve_precision("onnx", precision, self.device)
         self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
         if level not in OPT_LEVELS:

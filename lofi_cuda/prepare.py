@@ -40,8 +40,11 @@ def missing_packages() -> str | None:
 
 
 def _precision(planned: str) -> str:
+    """Graphs run fp16 on CUDA (what `auto` and bf16 requests map to there), fp32 on CPUs."""
     from lofi_cuda.runtime import cuda_problem
-    return planned if cuda_problem() is None else "fp32"
+    if cuda_problem() is not None:
+        return "fp32"
+    return "fp32" if planned == "fp32" else "fp16"
 
 
 def pending(root: str | Path, precision: str) -> str | None:

@@ -24,14 +24,12 @@ from lofi_mlx.acestep.common import DTYPES
 class MLXEngine:
     name = "mlx"
 
-    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
+    def __init__(self, checkpoint: str | Path, precision: str = "auto", device: str = "auto",
                  keep_loaded: bool = False, threads: int | None = None,
                  native_dir: str | Path | None = None):
-        if precision not in DTYPES:
+        if precision not in DTYPES and precision != "auto":
             raise LofiError(MODEL_LOAD_FAILED, f"unknown precision {precision!r}")
         self.checkpoint = Path(checkpoint)
-        self.precision = precision
-        self.dtype = DTYPES[precision]
         self.keep_loaded = keep_loaded
         # MLX-native (already sanitized) weights: a conversion or a synthetic benchmark checkpoint
         self.native_dir = Path(native_dir) if native_dir else None
@@ -44,6 +42,9 @@ class MLXEngine:
                 raise LofiError(MODEL_LOAD_FAILED, "LOFI_DEVICE=gpu but MLX sees no GPU on this machine")
             mx.set_default_device(mx.gpu)
             self.device = "gpu"
+        from lofi.engines import resolve_precision
+        self.precision = resolve_precision("mlx", precision, self.device)
+        self.dtype = DTYPES[self.precision]
         self.blas = BLAS
         self._models: dict = {}
         self.load_times: dict[str, float] = {}  # seconds spent loading, per stage (benchmarks)
@@ -78,6 +79,7 @@ class MLXEngine:
         except ImportError:
             return False
         conv = converted_precision(self.checkpoint)
+        # an fp32 run widens fp16 or bf16 files exactly; bf16 and fp16 do not convert each other
         if conv is None or not (conv == self.precision or self.precision == "fp32"):
             return False
         return component_fresh(self.checkpoint, component, conv)

@@ -39,21 +39,36 @@ def lfs_pointer(data: bytes) -> bytes:
             f"size {len(data)}\n").encode()
 
 
-def read_folder(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def read_folder(folder: Path, map_from: int = 64 << 20) -> dict[str, bytes]:
+    """The folder's files; those of `map_from` bytes or more memory-mapped (read-only), so a
+    full-size checkpoint is served from the page cache, not copied into this process."""
+    import mmap
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        if p.stat().st_size >= map_from:
+            with open(p, "rb") as fh:
+                out[str(p.relative_to(folder))] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            out[str(p.relative_to(folder))] = p.read_bytes()
+    return out
 
 
 class _File:
     def __init__(self, path: str, data: bytes, lfs: bool):
         self.path, self.data, self.lfs = path, data, lfs
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.blob_id = git_blob_sha1(lfs_pointer(data) if lfs else data)
+        pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\n"
+                   f"size {len(data)}\n").encode()
+        self.blob_id = git_blob_sha1(pointer if lfs else data)
+        self.pointer_size = len(pointer)
 
     def sibling(self) -> dict:
         s = {"rfilename": self.path, "size": len(self.data), "blobId": self.blob_id}
         if self.lfs:
             s["lfs"] = {"sha256": self.sha256, "size": len(self.data),
-                        "pointerSize": len(lfs_pointer(self.data))}
+                        "pointerSize": self.pointer_size}
         return s
 
 

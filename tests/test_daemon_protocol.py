@@ -76,6 +76,8 @@ def test_unknown_method(daemon):
     ("generate", {"prompt": "lofi", "duration_sec": 30, "seed": "42"}, "seed"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "priority": "urgent"}, "priority"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "backend": "suno"}, "backend"),
+    ("generate", {"prompt": "lofi", "duration_sec": 30, "lyrics": "[verse]\nla la"}, "lyrics"),
+    ("generate", {"prompt": "lofi", "duration_sec": 30, "lyrics": 3}, "lyrics"),
     ("generate", {"prompt": 12, "duration_sec": 30}, "prompt"),
     ("generate", {"prompt": "", "duration_sec": 30}, "prompt"),
     ("generate", {"prompt": "   ", "duration_sec": 30}, "prompt"),

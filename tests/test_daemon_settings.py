@@ -25,7 +25,7 @@ def test_defaults_and_derived_paths():
     s = Settings.load({}, {"HOME": "/home/u"})
     assert s.home == Path("/home/u/.cache/lofi.nvim")
     assert (s.backend, s.engine, s.device, s.threads) == ("ace-step", "auto", "auto", None)
-    assert (s.queue_size, s.cache_size, s.precision, s.format) == (5, 2 * 10**9, "fp32", "wav")
+    assert (s.queue_size, s.cache_size, s.precision, s.format) == (5, 2 * 10**9, "auto", "wav")
     assert s.checkpoint_dir == s.home / "ace-step"
     assert s.tracks_dir == s.home / "tracks" and s.logs_dir == s.home / "logs"
 

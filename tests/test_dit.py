@@ -229,7 +229,8 @@ def test_reduced_precision(g, precision, rel):
     ctx, mask = m.encode(*encode_in(g, "lyrics."))
     assert ctx.dtype == m.dtype
     v = m.decode(g["in.hidden_states"], g["in.timestep"], ctx, mask)
-    assert v.dtype == m.dtype
+    # fp16 runs keep the residual stream and the final layer in fp32 (dit.FP16_ISLANDS)
+    assert v.dtype == (mx.float32 if precision == "fp16" else m.dtype)
     ref = g["lyrics.forward.out.sample"]
     assert_close(f32(v), ref, rel * np.abs(ref).max(), f"{precision} lyrics forward")
     v = decode_golden_ctx(m, g)
@@ -254,7 +255,7 @@ def _write_checkpoint(tmp_path, weights):
 
 @pytest.fixture(scope="module")
 def raw_weights():
-    return load_component(CHECKPOINT, "transformer")[1]
+    return {k: np.asarray(v) for k, v in load_component(CHECKPOINT, "transformer")[1].items()}
 
 
 def _load_error(tmp_path, weights):

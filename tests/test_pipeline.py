@@ -81,7 +81,8 @@ def test_end_to_end_golden_through_the_pipeline():
     g = golden("end_to_end")
     p = manifest()["files"]["end_to_end.safetensors"]["input_params_json"]
     pipe = make()
-    params = GenerateParams(p["prompt"], 5.0, infer_steps=p["infer_step"])
+    params = GenerateParams(p["prompt"], 5.0, infer_steps=p["infer_step"], lyrics=p["lyrics"])
+    assert p["lyrics"] == ""  # the reference's empty-lyrics path, ids [[0]] mask [[0]]
     # the golden's 2.5 s is below the product's 5 s minimum, so T is given explicitly
     lat = pipe.latents(params, noise_source=InjectedNoise([g["randn_tensor.0"]]),
                        frames=g["randn_tensor.0"].shape[-1])

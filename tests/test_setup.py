@@ -490,7 +490,7 @@ def test_daemon_setup_method_refusals(hub, home, monkeypatch):
     d = FakeDaemon(home)
     for params, code in (({"backend": "musicgen"}, "MODEL_NOT_FOUND"),
                          ({"backend": "nope"}, "INVALID_PARAMS"),
-                         ({"backend": "ace-step", "precision": "bf16"}, "INVALID_PARAMS")):
+                         ({"backend": "ace-step", "precision": "fp8"}, "INVALID_PARAMS")):
         with pytest.raises(LofiError) as e:
             daemon_setup.handle_setup(d, params, FakeCall())
         assert e.value.code == code

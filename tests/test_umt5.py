@@ -36,7 +36,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def raw():
-    return load_component(CHECKPOINT, "text_encoder")
+    cfg, lazy = load_component(CHECKPOINT, "text_encoder")
+    return cfg, {k: np.asarray(v) for k, v in lazy.items()}  # the tests edit values
 
 
 @pytest.fixture(scope="module")

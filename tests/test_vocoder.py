@@ -186,12 +186,12 @@ def test_sanitize_folds_weight_norm_per_input_channel_of_conv_transpose(raw):
     out = V.sanitize(weights)
     assert not any(k.startswith("mel_transform.") for k in out)
     assert not any("weight_g" in k or "weight_v" in k for k in out)
-    g_ = weights["head.ups.0.weight_g"].astype(np.float64)
-    v = weights["head.ups.0.weight_v"].astype(np.float64)
+    g_ = np.asarray(weights["head.ups.0.weight_g"], np.float64)
+    v = np.asarray(weights["head.ups.0.weight_v"], np.float64)
     expect = g_ * v / np.sqrt((v ** 2).sum(axis=(1, 2), keepdims=True))  # [in, out, K]
     assert_close(out["head.ups.0.weight"], expect.transpose(1, 2, 0), 1e-6, "folded ups.0")
-    g_ = weights["head.conv_pre.weight_g"].astype(np.float64)
-    v = weights["head.conv_pre.weight_v"].astype(np.float64)
+    g_ = np.asarray(weights["head.conv_pre.weight_g"], np.float64)
+    v = np.asarray(weights["head.conv_pre.weight_v"], np.float64)
     expect = g_ * v / np.sqrt((v ** 2).sum(axis=(1, 2), keepdims=True))  # [out, in, K]
     assert_close(out["head.conv_pre.weight"], expect.transpose(0, 2, 1), 1e-6, "folded conv_pre")
     assert out["backbone.channel_layers.1.1.weight"].shape == (16, 16)

@@ -69,6 +69,6 @@ def layer_norm(x: torch.Tensor, weight, bias, eps: float, dim: int = -1) -> torc
 
 def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     """W = g * v / ||v||, the norm over every axis but 0 (legacy torch weight_norm, dim=0)."""
-    v = v.astype(np.float64)
+    v = np.asarray(v, dtype=np.float64)
     norm = np.sqrt((v * v).reshape(v.shape[0], -1).sum(axis=1))
-    return (g.reshape(-1).astype(np.float64) / norm).reshape((-1,) + (1,) * (v.ndim - 1)) * v
+    return (np.asarray(g, dtype=np.float64).reshape(-1) / norm).reshape((-1,) + (1,) * (v.ndim - 1)) * v

@@ -184,8 +184,14 @@ class DCAEConfig:
 
         # Variants this port does not implement: fail loudly rather than compute something else.
         # diffusers' defaults for the two block types differ from ACE-Step's, so those are required.
-        supported = {"downsample_block_type": ("Conv", None),
-                     "upsample_block_type": ("interpolate", None),
+        # diffusers reads them as `downsample_block_type == "pixel_unshuffle"` (any other string,
+        # "Conv" or "conv" alike, is a strided conv) and `upsample_block_type == "interpolate"`;
+        # the weight shapes (4x fewer or more conv channels otherwise) then confirm the variant.
+        down = need("downsample_block_type")
+        if not isinstance(down, str) or down == "pixel_unshuffle":
+            raise LofiError(MODEL_LOAD_FAILED, f"{where}: downsample_block_type={down!r} is not "
+                            "supported (only a strided conv, as in ACE-Step's music_dcae_f8c8)")
+        supported = {"upsample_block_type": ("interpolate", None),
                      "encoder_out_shortcut": (True, True), "decoder_in_shortcut": (True, True),
                      "decoder_norm_types": ("rms_norm", "rms_norm"),
                      "decoder_act_fns": ("silu", "silu"),

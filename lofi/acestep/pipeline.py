@@ -67,6 +67,7 @@ class Pipeline:
         from lofi.audio import frames_for_duration
         from lofi.acestep.sampler.loop import build_conditions, sample
         from lofi.acestep.sampler.noise import SeededNoise
+        from lofi.acestep.text import lyric_tokens
 
         def check():
             if cancel is not None and cancel():
@@ -88,8 +89,7 @@ class Pipeline:
             noise_source = SeededNoise(params.seed)
         frames = frames or frames_for_duration(params.duration_sec)
         x0 = noise_source.randn((1, 8, 16, frames))
-        lyric_ids = np.zeros((1, 1), np.int64)
-        lyric_mask = np.zeros((1, 1), np.int64)
+        lyric_ids, lyric_mask = lyric_tokens(params.lyrics)
         report("diffusion", 0, None, stage_fraction("diffusion", 0.0))
         try:
             conds = build_conditions(eng, text, text_null, mask, lyric_ids, lyric_mask, sp)

@@ -74,3 +74,24 @@ class PromptTokenizer:
             input_ids[b, : len(r)] = r
             mask[b, : len(r)] = 1
         return input_ids, mask
+
+
+# The lyric tokenizer (the reference's VoiceBpeTokenizer + language segmentation) is not ported
+# yet; these are its outputs for the lyrics lofi accepts (tests/fixtures/.../lyrics_tokenize.json).
+INSTRUMENTAL = "[inst]"
+_LYRIC_IDS = {INSTRUMENTAL: [261, 259, 6688, 2]}
+LYRICS_ACCEPTED = ("[inst]", "")
+
+
+def lyric_tokens(lyrics: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [1, N] int64, mask [1, N] int64) as the reference's __call__ builds them: "[inst]"
+    (the reference UI's instrumental tag) through the lyric tokenizer with a mask of ones; ""
+    as the reference's empty-lyrics path, ids [[0]] with mask [[0]]."""
+    if lyrics == "":
+        return np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+    ids = _LYRIC_IDS.get(lyrics)
+    if ids is None:
+        raise LofiError(INVALID_PARAMS, f"lyrics: only {INSTRUMENTAL!r} (instrumental, the default) or "
+                        f"'' (the reference's empty-lyrics path) are supported for now, got {lyrics[:40]!r}",
+                        {"field": "lyrics", "allowed": list(LYRICS_ACCEPTED)})
+    return np.array([ids], np.int64), np.ones((1, len(ids)), np.int64)

@@ -79,7 +79,15 @@ class Backends:
         return default_engine(self.settings.device, self.settings.checkpoint_dir)
 
     def identity(self) -> tuple[str, str]:
-        return self.engine_name(), self.settings.precision
+        engine = self.engine_name()
+        return engine, self._precision(engine)
+
+    def _precision(self, engine: str | None) -> str:
+        """The precision a job will run at (`auto` resolved for the predicted device)."""
+        from lofi.engines import resolve_precision
+        if engine is None:
+            return self.settings.precision
+        return resolve_precision(engine, self.settings.precision, self.predicted_device(engine))
 
     def predicted_device(self, engine: str | None) -> str:
         if self.settings.device != "auto" or engine != "mlx":
@@ -103,6 +111,6 @@ class Backends:
                     sample_rate=SAMPLE_RATE, model_version=MODEL_VERSION,
                     engine=live.get("engine") or engine,
                     device=live.get("device") or self.predicted_device(engine),
-                    precision=live.get("precision") or self.settings.precision,
+                    precision=live.get("precision") or self._precision(engine),
                     engine_message=engine_message, engines=available_engines(self.settings.checkpoint_dir),
                     path=str(self.settings.checkpoint_dir))

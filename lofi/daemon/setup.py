@@ -43,9 +43,10 @@ def _check(params: dict) -> None:
     if backend != "ace-step":
         raise LofiError(INVALID_PARAMS, f"backend must be ace-step, got {backend!r}",
                         {"field": "backend", "allowed": ["ace-step"]})
-    if params.get("precision", "fp16") not in ("fp16", "fp32"):
-        raise LofiError(INVALID_PARAMS, f"precision must be fp16 or fp32, got {params['precision']!r}",
-                        {"field": "precision", "allowed": ["fp16", "fp32"]})
+    if params.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):
+        raise LofiError(INVALID_PARAMS, f"precision must be auto, bf16, fp16 or fp32, got "
+                        f"{params['precision']!r}",
+                        {"field": "precision", "allowed": ["auto", "bf16", "fp16", "fp32"]})
 
 
 def _engine(d) -> str:
@@ -62,7 +63,7 @@ def handle_setup(d, params: dict, call) -> dict:
     _check(params)
     home = d.settings.home
     root = setup.checkpoint_root(home)
-    kwargs = dict(revision=params.get("revision"), precision=params.get("precision", "fp16"),
+    kwargs = dict(revision=params.get("revision"), precision=params.get("precision", "auto"),
                   engine=_engine(d), keep_original=params.get("keep_original"))
     if params.get("dry_run"):
         plan = setup.plan_setup(home, **kwargs)

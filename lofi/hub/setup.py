@@ -114,13 +114,24 @@ class Plan:
                 "needed_bytes": self.needed_bytes, "enough_disk": self.enough_disk}
 
 
-def plan_setup(home: str | Path | None = None, revision: str | None = None, precision: str = "fp16",
+SETUP_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def conversion_precision(precision: str) -> str:
+    """`auto` converts to bf16: the released DiT/DCAE/vocoder dtype (lossless; fp16 can overflow
+    and loses small values), what `auto` runs on a GPU, and widened exactly by fp32 runs."""
+    return "bf16" if precision == "auto" else precision
+
+
+def plan_setup(home: str | Path | None = None, revision: str | None = None, precision: str = "auto",
                engine: str = "mlx", keep_original: bool | None = None, remote: Remote | None = None,
                free: Callable[[Path], int] | None = None, token: str | bool | None = None,
                spec: ModelSpec = ACE_STEP) -> Plan:
     """Ask the Hub what the pinned revision holds and compare it with what is on disk."""
-    if precision not in ("fp16", "fp32"):
-        raise LofiError(INVALID_PARAMS, f"precision must be fp16 or fp32, got {precision!r}")
+    if precision not in SETUP_PRECISIONS:
+        raise LofiError(INVALID_PARAMS, f"precision must be one of {', '.join(SETUP_PRECISIONS)}, "
+                        f"got {precision!r}")
+    precision = conversion_precision(precision)
     if engine not in ("mlx", "onnx", "none"):
         raise LofiError(INVALID_PARAMS, f"engine must be mlx, onnx or none, got {engine!r}")
     root = checkpoint_root(home, spec)
@@ -183,7 +194,7 @@ class SetupResult:
                 "converted": self.converted, "removed": self.removed, "notes": self.notes}
 
 
-def run_setup(home: str | Path | None = None, revision: str | None = None, precision: str = "fp16",
+def run_setup(home: str | Path | None = None, revision: str | None = None, precision: str = "auto",
               engine: str = "mlx", keep_original: bool | None = None,
               on_progress: Callable[[dict], None] | None = None,
               on_notice: Callable[[str], None] | None = None,

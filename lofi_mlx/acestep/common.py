@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from typing import Callable
 
 import numpy as np
 from mlx.utils import tree_flatten
@@ -21,17 +24,50 @@ def drop_keys(weights: dict, prefixes: tuple[str, ...] = (), contains: tuple[str
             if not k.startswith(prefixes) and not any(c in k for c in contains)}
 
 
-def load_strict(model: nn.Module, weights: dict[str, np.ndarray], dtype, source: str) -> nn.Module:
-    """Load mapped weights into `model`; any missing, unexpected or mis-shaped key is an error."""
+def to_mx(w, dtype) -> mx.array:
+    """One checkpoint tensor (numpy or lofi.checkpoint.LazyTensor): read, cast once to `dtype`,
+    evaluated; the numpy buffer is released on return. bf16 passes through without widening."""
+    a = np.asarray(w)
+    if a.dtype == np.float64:  # a folded weight norm; MLX has no float64 on the GPU
+        a = a.astype(np.float32)
+    x = mx.array(a)
+    del a
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    mx.eval(x)
+    return x
+
+
+_SINK: contextvars.ContextVar = contextvars.ContextVar("lofi_param_sink", default=None)
+
+
+@contextlib.contextmanager
+def params_to(sink):
+    """While active, `load_strict` hands each converted parameter to `sink` instead of loading
+    it: `sink.begin([(name, shape, dtype)])`, then `sink.write(name, array)` one at a time. The
+    converter streams a network to disk this way without ever holding the whole of it."""
+    token = _SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _SINK.reset(token)
+
+
+def load_strict(model: nn.Module, weights: dict, dtype, source: str,
+                keep_fp32: Callable[[str], bool] | None = None) -> nn.Module:
+    """Load mapped weights into `model`; any missing, unexpected or mis-shaped key is an error.
+    Streams: each tensor is read, cast once (to fp32 where `keep_fp32(name)`: a module's fp32
+    island), evaluated and released before the next, so the only full-size copy is the model's."""
     params = dict(tree_flatten(model.parameters()))
     check_weights({k: p.shape for k, p in params.items()}, weights, source)
-    items = []
-    for k in params:
-        # convert and evaluate one tensor at a time: no second full-size copy of the model
-        a = mx.array(np.ascontiguousarray(weights[k], dtype=np.float32)).astype(dtype)
-        mx.eval(a)
-        items.append((k, a))
-    model.load_weights(items)
+    want = {k: mx.float32 if keep_fp32 and keep_fp32(k) else dtype for k in params}
+    sink = _SINK.get()
+    if sink is not None:
+        sink.begin([(k, tuple(params[k].shape), want[k]) for k in params])
+        for k in params:
+            sink.write(k, to_mx(weights[k], want[k]))
+        return model
+    model.load_weights([(k, to_mx(weights[k], want[k])) for k in params])
     model.eval()
     return model
 
@@ -54,9 +90,9 @@ def layer_norm(x, weight, bias, eps: float):
 
 def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     """W = g * v / ||v||, the norm over every axis but 0 (legacy torch weight_norm, dim=0)."""
-    v = v.astype(np.float64)
+    v = np.asarray(v, dtype=np.float64)
     norm = np.sqrt((v * v).reshape(v.shape[0], -1).sum(axis=1))
-    return (g.reshape(-1).astype(np.float64) / norm).reshape((-1,) + (1,) * (v.ndim - 1)) * v
+    return (np.asarray(g, dtype=np.float64).reshape(-1) / norm).reshape((-1,) + (1,) * (v.ndim - 1)) * v
 
 
 # ---------------------------------------------------------------------------------------------

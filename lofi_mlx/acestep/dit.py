@@ -41,6 +41,12 @@ from lofi_mlx.acestep.lyric_encoder import LyricEncoder
 from lofi_mlx.acestep.lyric_encoder import LyricEncoderConfig
 
 
+# In fp16 runs the residual stream stays fp32, which carries the 12,800-wide GLU feed-forward,
+# the residual adds and the final layer in fp32 too: their activations can pass fp16's 65,504
+# (bf16 has fp32's range and needs none of this). False only to measure what they prevent.
+FP16_ISLANDS = True
+
+
 # ---------------------------------------------------------------------------------------------
 # fp32 tables
 
@@ -193,6 +199,8 @@ class CrossAttention(nn.Module):
         H, d = self.heads, self.head_dim
         q = apply_rope(_scale_rows(self.to_q(x), q_scale).reshape(B, T, H, d), cos, sin)
         k, v = kv
+        if q.dtype != k.dtype:  # fp16 islands: q from the fp32 stream may pass fp16's range
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         q = q.transpose(0, 2, 1, 3)
         if mx.default_device().type == mx.DeviceType.cpu:
             w = _masked_softmax_cpu((q * (1.0 / math.sqrt(d))) @ k.swapaxes(-1, -2), key_mask)
@@ -259,10 +267,13 @@ class DiTBlock(nn.Module):
         self.ff = GLUMBConv(cfg)
 
     def __call__(self, h, temb6, rope, kv, key_mask, has_key, q_scale=None):
+        """h: the residual stream, in the run dtype, or fp32 in an fp16 run (see FP16_ISLANDS):
+        then the feed-forward and the residual adds compute in fp32 by promotion (fp16 weights
+        times an fp32 stream), and only the normalised self-attention input narrows to fp16."""
         cos, sin = rope
         mod = self.scale_shift_table[None] + temb6
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mx.split(mod, 6, axis=1)
-        n = rms_norm(h, self.eps) * (1 + scale_msa) + shift_msa
+        n = (rms_norm(h, self.eps) * (1 + scale_msa) + shift_msa).astype(mod.dtype)
         h = h + gate_msa * self.attn(n, cos, sin, q_scale)
         h = h + self.cross_attn(h, kv, key_mask, has_key, cos, sin, q_scale)  # raw stream, no gate
         n = rms_norm(h, self.eps) * (1 + scale_mlp) + shift_mlp
@@ -368,6 +379,8 @@ class ACEStepDiT(nn.Module):
         emb = self.timestep_embedder(e.astype(dt))
         temb = self.t_block(nn.silu(emb))
         h = self.proj_in(x)
+        if dt == mx.float16 and FP16_ISLANDS:
+            h = h.astype(mx.float32)  # the residual stream, feed-forward and final layer in fp32
         if trace is not None:
             trace.update({"time_proj": e, "timestep_embedder": emb, "t_block": temb, "proj_in": h})
 

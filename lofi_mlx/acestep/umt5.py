@@ -188,9 +188,6 @@ def load(checkpoint_root: str | Path, precision: str = "fp32") -> UMT5Encoder:
 def from_weights(cfg: UMT5Config, raw: dict[str, np.ndarray], precision: str = "fp32",
                  source: str = "umt5-base") -> UMT5Encoder:
     """Build from raw checkpoint tensors (strict: every key must be used)."""
-    weights = sanitize(raw)
-    model = load_strict(UMT5Encoder(cfg), weights, DTYPES[precision], source)
-    for i, blk in enumerate(model.blocks):  # see the module docstring: wo stays fp32
-        blk.ff.wo.weight = mx.array(np.asarray(weights[f"blocks.{i}.ff.wo.weight"], dtype=np.float32))
-    mx.eval(model.parameters())
-    return model
+    # see the module docstring: wo stays fp32
+    return load_strict(UMT5Encoder(cfg), sanitize(raw), DTYPES[precision], source,
+                       keep_fp32=lambda k: k.endswith(".ff.wo.weight"))

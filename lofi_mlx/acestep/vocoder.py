@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lofi.checkpoint import component_dir, load_component
+from lofi.checkpoint import component_dir, deferred, load_component
 from lofi.acestep.configs import VocoderConfig
 from lofi.errors import INVALID_PARAMS, LofiError
 from lofi_mlx.mlxrt import mx
@@ -479,8 +479,10 @@ def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 continue  # left as is: load_strict reports the unpaired key
             g = weights.pop(key)
             v = weights.pop(base + v_suffix)
-            # axis 0 is the output channel of a Conv1d and the input channel of a ConvTranspose1d
-            weights[base + ".weight"] = fold_weight_norm(g, v).astype(np.float32)
+            # axis 0 is the output channel of a Conv1d and the input channel of a ConvTranspose1d;
+            # folded when the loader converts it, so one folded tensor exists at a time
+            weights[base + ".weight"] = deferred(
+                v.shape, np.float32, lambda g=g, v=v: fold_weight_norm(g, v).astype(np.float32))
     out = {}
     for k, w in weights.items():
         if k.endswith(".weight") and w.ndim == 3:

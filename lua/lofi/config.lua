@@ -58,6 +58,7 @@ M.GENERATE_KEYS = {
   scheduler = "string",
   cfg_type = "string",
   omega_scale = "number",
+  lyrics = "string",
   priority = "string",
   backend = "string",
 }

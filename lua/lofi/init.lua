@@ -194,7 +194,7 @@ end
 --- Generate a track. `callback(err, track)` runs exactly once: with the track
 --- ({track_id, path, duration_sec, sample_rate, seed, ...}) or an error ({code, message}),
 --- also for cached results and cancellation.
----@param opts {prompt?: string, duration_sec?: number, seed?: integer, infer_steps?: integer, guidance_scale?: number, scheduler?: string, cfg_type?: string, omega_scale?: number, priority?: string, backend?: string}?
+---@param opts {prompt?: string, duration_sec?: number, seed?: integer, infer_steps?: integer, guidance_scale?: number, scheduler?: string, cfg_type?: string, omega_scale?: number, lyrics?: string, priority?: string, backend?: string}?
 ---@param callback fun(err: {code: string, message: string}?, track: table?)
 ---@return lofi.Job
 function M.generate(opts, callback)

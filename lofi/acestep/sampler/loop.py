@@ -239,6 +239,10 @@ def sample(engine, conditions: Conditions, noise_latents: np.ndarray, params: Sa
             record({"event": "step", "index": i, "timestep": t, "sample": x,
                     "model_output": v, "out": x_new})
         x = x_new
+        if not np.isfinite(x).all():  # overflow (e.g. fp16) must stop the job, not decode noise
+            raise LofiError(MODEL_INFERENCE_FAILED, f"non-finite latent after sampler step {i + 1} "
+                            f"of {total} (precision {getattr(engine, 'precision', '?')})",
+                            {"step": i + 1, "precision": getattr(engine, "precision", None)})
         if on_step is not None:
             on_step(i, total, {"timestep": float(t), "guided": guided, "guidance_scale": gs,
                                "rows": k * b})
