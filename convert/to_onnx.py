@@ -2,8 +2,9 @@
 
     python -m convert.to_onnx CHECKPOINT OUT_DIR [--precision fp32|fp16] [--opset 18]
 
-Six graphs, all with fp32 inputs/outputs (int64 ids and indices) and a dynamic batch and time
-axis: text_encoder, dit_encode, dit_decode, dcae_decode, dcae_encode, vocoder (interfaces in
+Seven graphs, all with fp32 inputs/outputs (int64 ids and indices) and a dynamic batch and time
+axis: text_encoder, dit_encode, dit_decode, dcae_decode_low, dcae_decode_up (the DCAE decoder's
+two halves: the second runs in time tiles), dcae_encode, vocoder (interfaces in
 lofi_cuda/graphs.py). fp16 graphs keep the reference's fp32 islands (norm statistics, RoPE
 arithmetic, linear-attention sums, softmax; see the torch_port modules). A graph whose weights
 pass ~1.8 GB is saved with its tensors in one `<name>.onnx.data` file beside it (protobuf's 2 GB
@@ -67,8 +68,10 @@ def _examples(name: str, model, precision: str) -> tuple:
         return (_t(f32(B, c.in_channels, c.patch_height, T)), _t(np.array([900.0, 500.0], np.float32)),
                 _t(f32(B, L, c.width)), _t(np.ones((B, L), np.float32)), _t(np.array([1.0, 0.01], np.float32)),
                 _t(cos), _t(sin), _t(cc), _t(sc))
-    if name == "dcae_decode":
+    if name == "dcae_decode_low":
         return (_t(f32(1, model.decoder.conv_in.in_channels, 16, T)),)
+    if name == "dcae_decode_up":
+        return (_t(f32(1, model.decoder.conv_in.out_channels, 16, T)),)
     if name == "dcae_encode":
         return (_t(f32(1, model.encoder.conv_in.in_channels, 128, 8 * T) - 5.0),)
     if name == "vocoder":
@@ -85,7 +88,8 @@ _DYNAMIC = {
     "dit_decode": {"x": {0: "B", 3: "T"}, "timestep": {0: "B"}, "ctx": {0: "B", 1: "L"},
                    "ctx_mask": {0: "B", 1: "L"}, "q_scale": {0: "B"}, "cos": {0: "T"}, "sin": {0: "T"},
                    "cos_ctx": {0: "L"}, "sin_ctx": {0: "L"}, "velocity": {0: "B", 3: "T"}},
-    "dcae_decode": {"latents": {0: "B", 3: "T"}, "mel": {0: "B", 3: "F"}},
+    "dcae_decode_low": {"latents": {0: "B", 3: "T"}, "hidden": {0: "B", 3: "T"}},
+    "dcae_decode_up": {"hidden": {0: "B", 3: "T"}, "mel": {0: "B", 3: "F"}},
     "dcae_encode": {"mel": {0: "B", 3: "F"}, "latents": {0: "B", 3: "T"}},
     "vocoder": {"mel": {0: "B", 2: "F"}, "wave": {0: "B", 1: "S"}},
 }
@@ -103,12 +107,14 @@ def build_modules(checkpoint: str | Path, precision: str, names=tuple(G.GRAPHS))
         if "dit_decode" in names:
             yield "dit_decode", dit.DiTDecode(m)
         del m
-    if "dcae_decode" in names or "dcae_encode" in names:
+    dcae_graphs = (("dcae_decode_low", "decoder", dcae.DCAEDecodeLow),
+                   ("dcae_decode_up", "decoder", dcae.DCAEDecodeUp), ("dcae_encode", "encoder", None))
+    if any(name in names for name, _, _ in dcae_graphs):
         cfg, raw = load_component(checkpoint, "dcae")
         src = str(component_dir(checkpoint, "dcae"))
-        for name, part in (("dcae_decode", "decoder"), ("dcae_encode", "encoder")):
+        for name, part, module in dcae_graphs:
             if name in names:
-                yield name, dcae.from_weights(cfg, raw, part, precision, src)
+                yield name, dcae.from_weights(cfg, raw, part, precision, src, module)
         del raw
     if "vocoder" in names:
         yield "vocoder", vocoder.load(checkpoint, precision)

@@ -18,7 +18,7 @@ from pathlib import Path
 from lofi.checkpoint import COMPONENTS, component_dir, weight_files
 from lofi.errors import MODEL_LOAD_FAILED, LofiError
 
-FORMAT = 1
+FORMAT = 2  # 2: the DCAE decoder as two graphs (whole low-resolution half, tiled upper half)
 MANIFEST = "manifest.json"
 
 # graph name -> (ordered input names, output names). The engine and the exporter share these.
@@ -28,13 +28,15 @@ GRAPHS = {
                    ("ctx", "ctx_mask")),
     "dit_decode": (("x", "timestep", "ctx", "ctx_mask", "q_scale", "cos", "sin", "cos_ctx", "sin_ctx"),
                    ("velocity",)),
-    "dcae_decode": (("latents",), ("mel",)),
+    "dcae_decode_low": (("latents",), ("hidden",)),
+    "dcae_decode_up": (("hidden",), ("mel",)),
     "dcae_encode": (("mel",), ("latents",)),
     "vocoder": (("mel",), ("wave",)),
 }
 # the checkpoint component each graph is made from
 SOURCES = {"text_encoder": "text_encoder", "dit_encode": "transformer", "dit_decode": "transformer",
-           "dcae_decode": "dcae", "dcae_encode": "dcae", "vocoder": "vocoder"}
+           "dcae_decode_low": "dcae", "dcae_decode_up": "dcae", "dcae_encode": "dcae",
+           "vocoder": "vocoder"}
 
 
 def checkpoint_files(checkpoint: str | Path) -> list[Path]:

@@ -19,6 +19,7 @@ from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder  # noqa: 
 from lofi_cuda import graphs as G  # noqa: E402
 from lofi_cuda import tables  # noqa: E402
 from lofi_cuda.engine import ONNXEngine  # noqa: E402
+from lofi.checkpoint import load_component  # noqa: E402
 from lofi.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError  # noqa: E402
 from tests.conftest import CHECKPOINT, GOLDEN  # noqa: E402
 
@@ -126,6 +127,39 @@ def test_graphs_match_torch_port_at_other_sizes(engine):
     with torch.no_grad():
         lat_ref = enc(t(mel[:1])).numpy()
     close(engine.dcae_encode(mel[:1]), lat_ref, 1e-4, "DCAE encode")
+
+
+def test_decoders_in_time_tiles_equal_the_whole_run(engine):
+    """The DCAE's upper half and the vocoder per window with the halo from their configs:
+    several tiles, odd lengths, a short last tile; the same values as one whole-length run."""
+    rng = np.random.default_rng(4)
+    for T in (37, 64):
+        lat = rng.standard_normal((2, 8, 16, T)).astype(np.float32)
+        whole = engine.dcae_decode(lat, tile=10 ** 6)
+        with torch.no_grad():
+            ref = torch.cat([dcae.load(CHECKPOINT, "decoder")(t(lat[i:i + 1])) for i in range(2)]).numpy()
+        close(whole, ref, 1e-4, f"DCAE decode, {T} frames")
+        for tile in (8, 13):
+            tiled = engine.dcae_decode(lat, tile=tile)
+            assert tiled.shape == whole.shape
+            close(tiled, whole, 1e-5 * np.abs(whole).max(), f"DCAE tiles of {tile}")
+    mel = engine.dcae_decode(rng.standard_normal((1, 8, 16, 17)).astype(np.float32))[..., :131]
+    whole = engine.vocode(mel, tile=10 ** 6)
+    for tile in (40, 64):
+        tiled = engine.vocode(mel, tile=tile)
+        assert tiled.shape == whole.shape == (1, 2, 131 * 512)
+        close(tiled, whole, 1e-5, f"vocoder tiles of {tile}")
+
+
+def test_dcae_decoder_halves_are_the_decoder():
+    lat = np.random.default_rng(6).standard_normal((1, 8, 16, 11)).astype(np.float32)
+    cfg, raw = load_component(CHECKPOINT, "dcae")
+    low = dcae.from_weights(cfg, raw, "decoder", module=dcae.DCAEDecodeLow)
+    up = dcae.from_weights(cfg, raw, "decoder", module=dcae.DCAEDecodeUp)
+    with torch.no_grad():
+        hidden = low(t(lat))
+        assert hidden.dtype == torch.float32 and hidden.shape == (1, 32, 16, 11)
+        np.testing.assert_array_equal(up(hidden).numpy(), dcae.load(CHECKPOINT, "decoder")(t(lat)).numpy())
 
 
 # ---- the golden set, through lofi_cuda.verify -------------------------------------------------
