@@ -440,6 +440,7 @@ class Decoder(nn.Module):
             for blk in stage:
                 h = _tiled_block(blk, h, n, low_tile)
         mx.eval(h)
+        mx.clear_cache()  # the whole-length buffers above have no use in the windows below
         f = dcae_up_factor(self.config)
         mels = []
         for w in windows(n, tile, dcae_up_halo(self.config)):
