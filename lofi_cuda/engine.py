@@ -27,7 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lofi.acestep.configs import DCAEConfig, VocoderConfig
+from lofi.acestep.tiling import vocoder_halo, windows
+from lofi.checkpoint import read_config
 from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from lofi.memory import trim
 
 from lofi_cuda import graphs as G
 from lofi_cuda import tables
@@ -41,6 +45,9 @@ LYRIC_ERG_LAYERS = (4, 5)
 # the graphs each stage needs
 STAGE_GRAPHS = {"text_encoder": ("text_encoder",), "transformer": ("dit_encode", "dit_decode"),
                 "dcae": ("dcae_decode",), "dcae_encoder": ("dcae_encode",), "vocoder": ("vocoder",)}
+# Time tiles for the decoders (latent frames for the DCAE's upper half, mel frames for the
+# vocoder); each tile runs with an exact halo (lofi.acestep.tiling), so memory stays flat.
+VOCODER_TILE = 2048
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -139,6 +146,7 @@ class ONNXEngine:
             if stage is None or stage == "transformer":
                 self._device_cache.clear()
         gc.collect()
+        trim()
 
     def end_stage(self, stage: str) -> None:
         """Called by the pipeline when a stage is finished; applies the memory policy."""
@@ -268,16 +276,33 @@ class ONNXEngine:
         return self._run("transformer", "dit_decode", feeds, "DiT",
                          constant=("ctx", "ctx_mask", "cos", "sin", "cos_ctx", "sin_ctx"))[0]
 
+    def _config(self, component: str):
+        cls = DCAEConfig if component == "dcae" else VocoderConfig
+        return cls.from_dict(read_config(self.checkpoint, component))
+
+    def _tiled(self, stage: str, graph: str, name: str, x: np.ndarray, tile: int, halo: int,
+               factor: int, what: str) -> np.ndarray:
+        """Run `graph` over time windows of `x` (last axis) and keep each tile's outputs (the
+        last axis of the output, `factor` output frames per input frame)."""
+        parts = []
+        for w in windows(x.shape[-1], tile, halo):
+            y = self._run(stage, graph, {name: np.ascontiguousarray(x[..., w.a:w.b])}, what)[0]
+            parts.append(y[..., (w.s - w.a) * factor:(w.e - w.a) * factor])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
     def dcae_decode(self, latents) -> np.ndarray:
         lat = self._f32(latents)
         # one item at a time like the reference: the DCAE attention is global, batch 1 bounds memory
+        # (the built graph is whole-length; tiling its convolution half is the MLX engine's so far)
         return np.concatenate([self._run("dcae", "dcae_decode", {"latents": lat[i:i + 1]}, "DCAE")[0]
                                for i in range(lat.shape[0])])
 
-    def vocode(self, mel) -> np.ndarray:
+    def vocode(self, mel, tile: int = VOCODER_TILE) -> np.ndarray:
         mel = self._f32(mel)
         b, c, m, f = mel.shape
-        wave = self._run("vocoder", "vocoder", {"mel": mel.reshape(b * c, m, f)}, "vocoder")[0]
+        cfg = self._config("vocoder")
+        wave = self._tiled("vocoder", "vocoder", "mel", mel.reshape(b * c, m, f), tile,
+                           vocoder_halo(cfg), cfg.hop, "vocoder")
         return wave.reshape(b, c, -1)
 
     def dcae_encode(self, mel) -> np.ndarray:

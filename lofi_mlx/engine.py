@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lofi.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
+from lofi.memory import trim
 from lofi_mlx.mlxrt import BLAS
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import set_threads
@@ -126,6 +127,7 @@ class MLXEngine:
                 self._models.pop(stage, None)
         gc.collect()
         mx.clear_cache()
+        trim()  # MLX's freed buffers go back to glibc's heap, which keeps them otherwise
 
     def end_stage(self, stage: str) -> None:
         """Called by the pipeline when a stage is finished; applies the memory policy."""

@@ -18,6 +18,7 @@ pytest.importorskip("onnxruntime")
 from lofi_cuda import graphs as G  # noqa: E402
 from lofi_cuda import tables  # noqa: E402
 from lofi_cuda.engine import ONNXEngine  # noqa: E402
+from lofi.checkpoint import load_component  # noqa: E402
 from lofi.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError  # noqa: E402
 from tests.conftest import CHECKPOINT, GOLDEN  # noqa: E402
 
@@ -134,6 +135,29 @@ def test_graphs_match_torch_port_at_other_sizes(engine):
     with torch.no_grad():
         lat_ref = enc(t(mel[:1])).numpy()
     close(engine.dcae_encode(mel[:1]), lat_ref, 1e-4, "DCAE encode")
+
+
+def test_vocoder_in_time_tiles_equals_the_whole_run(engine):
+    """The vocoder per window with the halo from its config: several tiles, a short last tile;
+    the same values as one whole-length run."""
+    rng = np.random.default_rng(4)
+    mel = engine.dcae_decode(rng.standard_normal((1, 8, 16, 17)).astype(np.float32))[..., :131]
+    whole = engine.vocode(mel, tile=10 ** 6)
+    for tile in (40, 64):
+        tiled = engine.vocode(mel, tile=tile)
+        assert tiled.shape == whole.shape == (1, 2, 131 * 512)
+        close(tiled, whole, 1e-5, f"vocoder tiles of {tile}")
+
+
+def test_dcae_decoder_halves_are_the_decoder():
+    lat = np.random.default_rng(6).standard_normal((1, 8, 16, 11)).astype(np.float32)
+    cfg, raw = load_component(CHECKPOINT, "dcae")
+    low = dcae.from_weights(cfg, raw, "decoder", module=dcae.DCAEDecodeLow)
+    up = dcae.from_weights(cfg, raw, "decoder", module=dcae.DCAEDecodeUp)
+    with torch.no_grad():
+        hidden = low(t(lat))
+        assert hidden.dtype == torch.float32 and hidden.shape == (1, 32, 16, 11)
+        np.testing.assert_array_equal(up(hidden).numpy(), dcae.load(CHECKPOINT, "decoder")(t(lat)).numpy())
 
 
 # ---- the golden set, through lofi_cuda.verify -------------------------------------------------

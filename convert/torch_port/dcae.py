@@ -28,6 +28,7 @@ from lofi.acestep.configs import DCAE_PARTS as PARTS
 from lofi.acestep.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
 from lofi.acestep.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
 from lofi.acestep.configs import DCAEConfig
+from lofi.acestep.tiling import dcae_attention_stages
 
 from convert.torch_port.common import drop_keys, load_strict, meta_init, rms_norm, run_dtype
 
@@ -192,6 +193,7 @@ class Decoder(nn.Module):
         n = len(ch)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.in_repeats = ch[-1] // cfg.latent_channels
+        self.cfg = cfg
         # up_blocks[i] (checkpoint order) runs in reverse: stage n-1 first
         self.up_blocks = nn.ModuleList()
         for i in range(n):
@@ -202,12 +204,29 @@ class Decoder(nn.Module):
         self.norm_out = RMSNormC(ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
 
-    def forward(self, z):
+    def _stages(self):
+        """(stages run whole, stages run in time tiles), in run order (lowest resolution first)."""
+        order = list(reversed(self.up_blocks))
+        k = dcae_attention_stages(self.cfg)
+        return order[:k], order[k:]
+
+    def low(self, z):
+        """conv_in and the stages with global attention (the part that cannot be tiled)."""
         h = self.conv_in(z) + repeat_channels(z, self.in_repeats)
-        for stage in reversed(self.up_blocks):
+        for stage in self._stages()[0]:
+            for blk in stage:
+                h = blk(h)
+        return h
+
+    def up(self, h):
+        """The convolution-only stages (exact in time tiles with lofi.acestep.tiling's halo)."""
+        for stage in self._stages()[1]:
             for blk in stage:
                 h = blk(h)
         return self.conv_out(F.relu(self.norm_out(h)))
+
+    def forward(self, z):
+        return self.up(self.low(z))
 
 
 class Encoder(nn.Module):
@@ -247,6 +266,33 @@ class DCAEDecode(nn.Module):
         return (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
 
 
+class DCAEDecodeLow(nn.Module):
+    """The decoder's first half, run whole: DiT latents [B, 8, 16, T] fp32 -> hidden
+    [B, C, 16, T] fp32 (the ONNX engine's `dcae_decode_low` graph; fp32 IO like every graph,
+    the widening of a half-precision hidden state is exact)."""
+
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        self.decoder = Decoder(cfg)
+
+    def forward(self, latents):
+        dt = self.decoder.conv_in.weight.dtype
+        return self.decoder.low((latents / SCALE_FACTOR + SHIFT_FACTOR).to(dt)).float()
+
+
+class DCAEDecodeUp(nn.Module):
+    """The second half, run in time tiles: hidden [B, C, 16, t] -> log-mel [B, 2, 128, 8t] fp32
+    (the `dcae_decode_up` graph; shares DCAEDecodeLow's weights and key names)."""
+
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        self.decoder = Decoder(cfg)
+
+    def forward(self, hidden):
+        m = self.decoder.up(hidden.to(self.decoder.conv_in.weight.dtype)).float()
+        return (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
+
+
 class DCAEEncode(nn.Module):
     """Log-mel [B, 2, 128, F] fp32 (F a multiple of 8) -> DiT latents [B, 8, 16, F/8] fp32."""
 
@@ -268,9 +314,13 @@ def sanitize(weights: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]
 
 
 def from_weights(cfg_dict: dict, raw: dict[str, np.ndarray], part: str, precision: str = "fp32",
-                 source: str = "music_dcae_f8c8") -> nn.Module:
+                 source: str = "music_dcae_f8c8", module: type | None = None) -> nn.Module:
+    """`module`: DCAEDecodeLow or DCAEDecodeUp for the decoder's halves (default: the whole
+    part). A half holds every decoder weight, as the strict loader wants; the exporter
+    drops the unused ones as dead initialisers."""
     cfg = DCAEConfig.from_dict(cfg_dict)
-    model = meta_init(DCAEDecode if part == "decoder" else DCAEEncode, cfg)
+    cls = module or (DCAEDecode if part == "decoder" else DCAEEncode)
+    model = meta_init(cls, cfg)
     return load_strict(model, sanitize(raw, part), run_dtype(precision), source)
 
 

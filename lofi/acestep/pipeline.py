@@ -15,6 +15,7 @@ from lofi import MODEL_VERSION
 from lofi.checkpoint import check_checkpoint
 from lofi.engine import Engine
 from lofi.errors import Cancelled
+from lofi.memory import trim
 from lofi.params import SAMPLE_RATE, GenerateParams
 
 # Share of the whole job per stage, for one overall progress figure. Diffusion dominates.
@@ -152,9 +153,12 @@ class Pipeline:
         write_audio(out_path, out, SAMPLE_RATE, fmt)
         timings["write_sec"] = time.perf_counter() - t3
         total = time.perf_counter() - t0
+        seconds, channels = out.shape[-1] / SAMPLE_RATE, int(out.shape[0])
+        del lat, wave, out  # the job's audio buffers: free them and hand the heap pages back
+        trim()
         return {
-            "path": str(out_path), "duration_sec": out.shape[-1] / SAMPLE_RATE,
-            "sample_rate": SAMPLE_RATE, "channels": int(out.shape[0]), "seed": params.seed,
+            "path": str(out_path), "duration_sec": seconds,
+            "sample_rate": SAMPLE_RATE, "channels": channels, "seed": params.seed,
             "generation_time_sec": round(total, 3), "timings": timings,
             "model_version": MODEL_VERSION, "engine": self.engine.name,
             "device": self.engine.device, "precision": self.engine.precision,

@@ -25,6 +25,7 @@ from lofi.acestep.configs import DCAE_PARTS as PARTS
 from lofi.acestep.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
 from lofi.acestep.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
 from lofi.acestep.configs import DCAEConfig
+from lofi.acestep.tiling import dcae_attention_stages, dcae_up_factor, dcae_up_halo, windows
 from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
@@ -33,6 +34,11 @@ from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import load_strict
 from lofi_mlx.acestep.common import rms_norm
 from lofi_mlx.acestep.common import silu
+
+# Time tiles (latent frames) for decoding; see `Decoder.tiled`. At 128 + 2 x 7 halo frames the
+# full-size decoder's largest tile activations are ~75 MB each (128 ch x 128 x 1136).
+TILE = 128
+LOW_TILE = 256
 
 # ---------------------------------------------------------------------------------------------
 # layout helpers (NHWC)
@@ -115,7 +121,7 @@ def _winograd_tiles(xp, u):
     return y.reshape(B, 2 * th, 2 * tw, -1)
 
 
-def conv3x3(conv: nn.Conv2d, x, budget: int = 1 << 26):
+def conv3x3(conv: nn.Conv2d, x, budget: int = 1 << 24):
     """`conv(x)` for a 3x3, stride-1, padding-1 nn.Conv2d. On the CPU in fp32 (even H and W) it
     runs as Winograd F(2x2, 3x3): ~2x faster than mx.conv2d there (measured at 128-512
     channels), same values up to rounding. Frame columns go in chunks so the 16 transformed
@@ -240,24 +246,60 @@ class MultiscaleLinearAttention(nn.Module):
         self.to_out = nn.Linear(inner * (1 + len(kernels)), channels, bias=False)
         self.norm_out = RMSNormC(channels)
 
-    def __call__(self, x):
+    def _qkv(self, x, keep: tuple | None = None):
+        """ReLU'd Q, K and V, [B, groups, N, d] each, fp32; `keep` = (lo, hi) crops frames
+        after the multiscale convs (a window's halo is only there to feed them)."""
         B, H, W, _ = x.shape
-        N, d = H * W, self.head_dim
+        d = self.head_dim
         qkv = self.to_qkv(x)
-        groups = [qkv.reshape(B, N, -1, d).transpose(0, 2, 1, 3)]  # [B, 3*heads, N, d]
+        groups = [qkv.reshape(B, H * W, -1, d).transpose(0, 2, 1, 3)]  # [B, 3*heads, N, d]
         groups += [ms(qkv) for ms in self.to_qkv_multiscale]
         # Group g of the concatenation is (Q, K, V) = rows 3g, 3g+1, 3g+2 here.
         z = mx.concatenate(groups, axis=1).astype(mx.float32)
-        z = z.reshape(B, -1, 3, N, d)
-        q = nn.relu(z[:, :, 0])
-        k = nn.relu(z[:, :, 1])
-        v = z[:, :, 2]
-        # sum_n v_n k_n^T, plus a ones row appended to v: that row is the denominator's sum_n k_n.
-        vk = mx.concatenate([v.swapaxes(-1, -2) @ k, k.sum(axis=-2, keepdims=True)], axis=-2)
+        if keep is not None:
+            lo, hi = keep
+            z = z.reshape(B, z.shape[1], H, W, d)[:, :, :, lo:hi].reshape(B, z.shape[1], -1, d)
+        z = z.reshape(B, -1, 3, z.shape[2], d)
+        return nn.relu(z[:, :, 0]), nn.relu(z[:, :, 1]), z[:, :, 2]
+
+    @staticmethod
+    def _sums(k, v):
+        """sum_n v_n k_n^T, plus a ones row appended to v: that row is the denominator's sum_n k_n."""
+        return mx.concatenate([v.swapaxes(-1, -2) @ k, k.sum(axis=-2, keepdims=True)], axis=-2)
+
+    def _out(self, x, q, vk):
+        B, H, W, _ = x.shape
+        d = self.head_dim
         o = q @ vk.swapaxes(-1, -2)  # [B, G, N, d+1]
         o = o[..., :d] / (o[..., d:] + ATTN_EPS)
         o = o.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, H, W, -1)
         return x + self.norm_out(self.to_out(o))
+
+    @property
+    def halo(self) -> int:
+        """Frames the multiscale convs read on each side."""
+        return max((ms.proj_in.weight.shape[1] // 2 for ms in self.to_qkv_multiscale), default=0)
+
+    def __call__(self, x):
+        q, k, v = self._qkv(x)
+        return self._out(x, q, self._sums(k, v))
+
+    def tiled(self, x, wins):
+        """The same over time windows (lofi.acestep.tiling): a first pass sums K and V^T K over
+        every window's kept frames, a second applies them window by window. Equal to the whole
+        run up to the order of those sums; memory is one window's projections."""
+        vk = None
+        for w in wins:
+            _, k, v = self._qkv(x[:, :, w.a:w.b], (w.s - w.a, w.e - w.a))
+            part = self._sums(k, v)
+            vk = part if vk is None else vk + part
+            mx.eval(vk)
+        out = []
+        for w in wins:
+            q, _, _ = self._qkv(x[:, :, w.a:w.b], (w.s - w.a, w.e - w.a))
+            out.append(self._out(x[:, :, w.s:w.e], q, vk))
+            mx.eval(out[-1])
+        return mx.concatenate(out, axis=2)
 
 
 class GLUMBConv(nn.Module):
@@ -344,6 +386,7 @@ def _block(kind: str, channels: int, head_dim: int, kernels: tuple) -> nn.Module
 class Decoder(nn.Module):
     def __init__(self, cfg: DCAEConfig):
         super().__init__()
+        self.config = cfg
         ch = cfg.decoder_block_out_channels
         n = len(ch)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
@@ -359,13 +402,72 @@ class Decoder(nn.Module):
         self.norm_out = RMSNormC(ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
 
-    def __call__(self, z):
-        """Raw DCAE latent [B, 16, T, 8] (NHWC) -> normalised mel [B, 128, 8T, 2]."""
+    def _stages(self):
+        """(stages run whole, stages run in tiles), each in run order (lowest resolution first)."""
+        order = list(reversed(self.up_blocks))
+        k = dcae_attention_stages(self.config)
+        return order[:k], order[k:]
+
+    def low(self, z):
+        """conv_in and the stages with global attention: [B, 16, T, 8] -> [B, 16, T, C]."""
         h = self.conv_in(z) + repeat_channels(z, self.in_repeats)
-        for stage in reversed(self.up_blocks):
+        for stage in self._stages()[0]:
+            for blk in stage:
+                h = blk(h)
+        return h
+
+    def up(self, h):
+        """The convolution-only stages, norm_out and conv_out -> normalised mel [B, 128, 8T, 2]."""
+        for stage in self._stages()[1]:
             for blk in stage:
                 h = blk(h)
         return self.conv_out(nn.relu(self.norm_out(h)))
+
+    def __call__(self, z):
+        """Raw DCAE latent [B, 16, T, 8] (NHWC) -> normalised mel [B, 128, 8T, 2]."""
+        return self.up(self.low(z))
+
+    def tiled(self, z, tile: int = TILE, low_tile: int = LOW_TILE):
+        """`self(z)` in time tiles, each evaluated before the next: memory is bounded by one tile.
+
+        The low-resolution stages run layer by layer over windows of `low_tile` frames (the
+        attention in two passes, see `MultiscaleLinearAttention.tiled`), the convolution-only
+        stages end to end over windows of `tile` latent frames with an exact halo
+        (`tiling.dcae_up_halo`): their output is the whole-length one, value for value."""
+        n = z.shape[2]
+        h = self.conv_in(z) + repeat_channels(z, self.in_repeats)
+        for stage in self._stages()[0]:
+            for blk in stage:
+                h = _tiled_block(blk, h, n, low_tile)
+        mx.eval(h)
+        mx.clear_cache()  # the whole-length buffers above have no use in the windows below
+        f = dcae_up_factor(self.config)
+        mels = []
+        for w in windows(n, tile, dcae_up_halo(self.config)):
+            m = self.up(h[:, :, w.a:w.b])[:, :, (w.s - w.a) * f:(w.e - w.a) * f]
+            mx.eval(m)
+            mels.append(m)
+        return mels[0] if len(mels) == 1 else mx.concatenate(mels, axis=2)
+
+
+def _by_window(fn, h, wins):
+    out = []
+    for w in wins:
+        out.append(fn(h[:, :, w.a:w.b])[:, :, w.s - w.a:w.e - w.a])
+        mx.eval(out[-1])
+    return out[0] if len(out) == 1 else mx.concatenate(out, axis=2)
+
+
+def _tiled_block(blk, h, n: int, tile: int):
+    """One low-resolution block over time windows (the same-resolution blocks only)."""
+    if isinstance(blk, EfficientViTBlock):
+        attn = blk.attn
+        wins = windows(n, tile, attn.halo)
+        h = attn(h) if len(wins) == 1 else attn.tiled(h, wins)
+        return _by_window(blk.conv_out, h, windows(n, tile, 1))
+    if isinstance(blk, ResBlock):
+        return _by_window(blk, h, windows(n, tile, 2))
+    return blk(h)  # an UpBlock there (not in ACE-Step's DCAE) runs whole
 
 
 class Encoder(nn.Module):
@@ -414,8 +516,9 @@ class MusicDCAE(nn.Module):
         if part not in self.parts:
             raise LofiError(MODEL_INFERENCE_FAILED, f"the DCAE was loaded without its {part}")
 
-    def decode_latents(self, latents) -> mx.array:
+    def decode_latents(self, latents, tile: int = TILE, low_tile: int = LOW_TILE) -> mx.array:
         """DiT latents [B, 8, 16, T] -> log-mel [B, 2, 128, 8T] (natural log, de-normalised), fp32.
+        Runs in time tiles (`Decoder.tiled`): memory stays flat with the length.
 
         The affine maps around the network run in fp32 (the reference rounds each to the run
         dtype; fp32 is closer to the fp32 reference). Batch items are decoded one at a time, as
@@ -429,7 +532,7 @@ class MusicDCAE(nn.Module):
         mels = []
         for b in range(z.shape[0]):
             zb = (z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR).astype(self.dtype)
-            m = self.decoder(zb.transpose(0, 2, 3, 1)).astype(mx.float32)
+            m = self.decoder.tiled(zb.transpose(0, 2, 3, 1), tile, low_tile).astype(mx.float32)
             m = (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
             mels.append(m.transpose(0, 3, 1, 2))
         return mx.concatenate(mels, axis=0)

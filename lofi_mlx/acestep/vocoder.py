@@ -31,6 +31,7 @@ import numpy as np
 
 from lofi.checkpoint import component_dir, deferred, load_component
 from lofi.acestep.configs import VocoderConfig
+from lofi.acestep.tiling import polyphase_span, vocoder_halo, windows
 from lofi.errors import INVALID_PARAMS, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
@@ -44,6 +45,9 @@ from lofi_mlx.acestep.common import load_strict
 from lofi_mlx.acestep.common import silu_f32
 
 F32 = mx.float32
+# Mel frames per decoding window (`Vocoder.decode`); at full size a window's largest
+# activations are then ~35 MB per channel and level (4096 values per frame, fp32).
+TILE = 2048
 
 
 def _to(x, dtype):
@@ -161,14 +165,6 @@ class Conv(nn.Module):
 
     def __call__(self, x):
         return self.forward_cf(x.transpose(0, 2, 1)).transpose(0, 2, 1)
-
-
-def polyphase_span(kernel: int, stride: int, padding: int) -> tuple[int, int]:
-    """(jmin, jmax): output sample q·stride + r of a ConvTranspose1d reads inputs q − j for
-    j in [jmin, jmax] (tap k = j·stride + r + padding must lie in [0, kernel))."""
-    lo = [-((r + padding) // stride) for r in range(stride)]  # ceil(-(r+p)/s)
-    hi = [(kernel - 1 - r - padding) // stride for r in range(stride)]
-    return min(lo), max(hi)
 
 
 class ConvTranspose(nn.Module):
@@ -429,39 +425,27 @@ class Vocoder(nn.Module):
 
     def receptive_field(self) -> int:
         """Mel frames on each side that can influence one output sample (rounded up)."""
-        c = self.cfg
-        k = c.kernel_sizes[0] // 2
-        frames = k + sum(c.depths) * k + c.pre_conv_kernel_size // 2  # stem, ConvNeXt, conv_pre
-        res = max(sum(d * (kk // 2) + kk // 2 for d in ds)
-                  for kk, ds in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes))
-        rate = 1
-        for up in self.head.ups:
-            frames += (max(up.jmax, -up.jmin, 0) + 1) / rate  # +1: the output phase offset
-            rate *= up.stride
-            frames += res / rate
-        frames += (c.post_conv_kernel_size // 2) / rate
-        return int(np.ceil(frames))
+        return vocoder_halo(self.cfg)
 
-    def decode(self, mel: mx.array, chunk_frames: int | None = 4096, halo: int | None = None) -> mx.array:
-        """Like `__call__`, in windows of `chunk_frames` mel frames to bound memory at full length.
+    def decode(self, mel: mx.array, chunk_frames: int | None = TILE, halo: int | None = None) -> mx.array:
+        """Like `__call__`, in windows of at most `chunk_frames` mel frames, each evaluated before
+        the next, so memory is one window's working set at any length.
 
-        Each window is extended by `halo` frames (default: the receptive field) on both sides and
-        only its centre is kept, so the result equals the whole-sequence forward (same values up
-        to float summation order); the cost is 2·halo/chunk_frames extra work (~4% at 4096).
+        Each window reaches `halo` frames (default: the receptive field) past its tile on both
+        sides and only the tile is kept (lofi.acestep.tiling.windows), so the result equals
+        the whole-sequence forward; windows all have one length, so buffers are reused.
         """
         n = mel.shape[-1]
+        halo = self.receptive_field() if halo is None else halo
         if not chunk_frames or n <= chunk_frames:
             return self.forward(mel)
-        halo = self.receptive_field() if halo is None else halo
         hop = self.cfg.hop
         parts = []
-        for s in range(0, n, chunk_frames):
-            e = min(n, s + chunk_frames)
-            a, b = max(0, s - halo), min(n, e + halo)
-            y = self.forward(mel[:, :, a:b])[:, (s - a) * hop:(e - a) * hop]
+        for w in windows(n, chunk_frames, halo):
+            y = self.forward(mel[:, :, w.a:w.b])[:, (w.s - w.a) * hop:(w.e - w.a) * hop]
             mx.eval(y)  # one window's activations at a time
             parts.append(y)
-        return mx.concatenate(parts, axis=1)
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
 _WN = ((".weight_g", ".weight_v"),

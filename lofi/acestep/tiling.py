@@ -1,0 +1,118 @@
+"""Time tiles with an exact halo for the decoders (DCAE, vocoder), shared by both engines.
+
+A network whose every operation is local in time (convolutions, per-frame norms) computes
+output frame t from input frames t - h ... t + h only, h its receptive field. Running it on a
+window that reaches h frames past each side of a tile, and keeping the tile's outputs, gives
+the whole-length result: the window's own edge effects (zero or replicate padding) reach at
+most h frames in, which the halo absorbs; at the sequence's true ends the window ends there
+too, so the padding is the same as in the whole-length run. Memory is then one window's
+working set, whatever the length.
+
+The receptive fields are derived from the configs (kernel sizes, dilations, strides), never
+guessed; tests check them against perturbations and tiled == whole runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Window:
+    """Run the network on input frames [a, b); keep its outputs for frames [s, e)."""
+    a: int
+    b: int
+    s: int
+    e: int
+
+
+def windows(n: int, tile: int, halo: int) -> list[Window]:
+    """Tiles of at most `tile` frames covering [0, n), each with `halo` frames of context.
+
+    The tiles are balanced (equal up to one frame) and every window has the same length: the
+    last window slides back from the end rather than shrink. One window (the whole input,
+    no halo needed) when the input is not longer than a window. Same shapes in every window let
+    compiled kernels and freed buffers be reused, which keeps the buffer cache flat.
+    """
+    if n <= 0:
+        return []
+    if tile <= 0 or halo < 0:
+        raise ValueError(f"tile must be > 0 and halo >= 0, got {tile}, {halo}")
+    count = math.ceil(n / tile)
+    size = math.ceil(n / count)
+    width = size + 2 * halo
+    if count == 1 or width >= n:
+        return [Window(0, n, 0, n)]
+    out = []
+    for i in range(count):
+        s, e = i * n // count, (i + 1) * n // count
+        a = min(max(0, s - halo), n - width)
+        out.append(Window(a, a + width, s, e))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# receptive fields from the configs
+
+def dcae_attention_stages(cfg) -> int:
+    """How many decoder stages, in run order (lowest resolution first), run whole: up to and
+    including the last stage with a global operation (the EfficientViT linear attention)."""
+    types = cfg.decoder_block_types
+    n = len(types)
+    order = list(range(n - 1, -1, -1))  # decoder stage n-1 runs first
+    last = -1
+    for pos, i in enumerate(order):
+        if types[i] != "ResBlock":
+            last = pos
+    return last + 1
+
+
+def dcae_up_halo(cfg) -> int:
+    """Frames (at the resolution where they start) that the decoder's tiled stages read on each
+    side: backwards from conv_out, every 3x3 conv adds one frame at its own resolution (a
+    ResBlock has two), each nearest x2 upsampling halves what is needed, rounded up."""
+    n = len(cfg.decoder_block_out_channels)
+    tiled = n - dcae_attention_stages(cfg)  # stages 0 .. tiled-1 run in tiles
+    need = 1  # conv_out
+    for i in range(tiled):  # stage 0 (runs last) first
+        if cfg.decoder_block_types[i] != "ResBlock":
+            raise ValueError("a stage with global attention cannot be tiled")
+        need += 2 * cfg.decoder_layers_per_block[i]
+        if i < n - 1:  # the stage starts with an UpBlock: its conv runs after the upsampling
+            need = math.ceil((need + 1) / 2)
+    return need
+
+
+def dcae_up_factor(cfg) -> int:
+    """Output (mel) frames per frame at the input of the tiled stages."""
+    n = len(cfg.decoder_block_out_channels)
+    tiled = n - dcae_attention_stages(cfg)
+    return 2 ** min(tiled, n - 1)
+
+
+def polyphase_span(kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """(jmin, jmax): output sample q·stride + r of a ConvTranspose1d reads inputs q − j for
+    j in [jmin, jmax] (tap k = j·stride + r + padding must lie in [0, kernel))."""
+    lo = [-((r + padding) // stride) for r in range(stride)]  # ceil(-(r+p)/s)
+    hi = [(kernel - 1 - r - padding) // stride for r in range(stride)]
+    return min(lo), max(hi)
+
+
+def vocoder_halo(cfg) -> int:
+    """Mel frames on each side that can influence one output sample of the vocoder (rounded
+    up): the stem and ConvNeXt depthwise convs and conv_pre at the frame rate, then per upsampling
+    level its transposed conv's taps at the input rate and its ResBlocks (dilated convs then
+    plain ones, the widest kernel's sum) at the output rate, and conv_post at the sample rate."""
+    k = cfg.kernel_sizes[0] // 2
+    frames = k + sum(cfg.depths) * k + cfg.pre_conv_kernel_size // 2
+    res = max(sum(d * (kk // 2) + kk // 2 for d in ds)
+              for kk, ds in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
+    rate = 1
+    for stride, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
+        jmin, jmax = polyphase_span(kernel, stride, (kernel - stride) // 2)
+        frames += (max(jmax, -jmin, 0) + 1) / rate  # +1: the output phase offset
+        rate *= stride
+        frames += res / rate
+    frames += (cfg.post_conv_kernel_size // 2) / rate
+    return int(math.ceil(frames))

@@ -1,0 +1,120 @@
+"""Time tiles with an exact halo (lofi.acestep.tiling) and the MLX decoders run in them."""
+
+import numpy as np
+import pytest
+
+from lofi.acestep import tiling
+from lofi.acestep.configs import DCAEConfig, VocoderConfig
+from lofi.checkpoint import read_config
+from lofi_mlx.mlxrt import mx
+from lofi_mlx.acestep import dcae
+from lofi_mlx.synthetic import DCAE as DCAE_REAL
+from lofi_mlx.synthetic import VOCODER as VOCODER_REAL
+
+from tests.conftest import CHECKPOINT, golden
+
+
+@pytest.mark.parametrize("n,tile,halo", [(1, 4, 2), (10, 4, 0), (10, 4, 3), (37, 8, 7), (101, 16, 7),
+                                         (64, 16, 7), (20664, 2048, 93), (17, 5, 40), (9, 9, 1)])
+def test_windows_cover_once_with_the_halo(n, tile, halo):
+    wins = tiling.windows(n, tile, halo)
+    kept = np.zeros(n, int)
+    for w in wins:
+        assert 0 <= w.a <= w.s < w.e <= w.b <= n
+        assert w.e - w.s <= tile or len(wins) == 1
+        assert w.s - w.a >= halo or w.a == 0, w  # context on the left, or the true start
+        assert w.b - w.e >= halo or w.b == n, w
+        kept[w.s:w.e] += 1
+    assert (kept == 1).all()
+    assert len({w.b - w.a for w in wins}) == 1  # one window length: shapes repeat
+    sizes = [w.e - w.s for w in wins]
+    assert max(sizes) - min(sizes) <= 1  # balanced
+    if n > tile + 2 * halo:
+        assert len(wins) == -(-n // tile)
+
+
+def test_windows_reject_bad_arguments():
+    assert tiling.windows(0, 4, 1) == []
+    with pytest.raises(ValueError):
+        tiling.windows(10, 0, 1)
+    with pytest.raises(ValueError):
+        tiling.windows(10, 4, -1)
+
+
+def test_receptive_fields_from_the_configs():
+    real = DCAEConfig.from_dict(DCAE_REAL)
+    assert tiling.dcae_attention_stages(real) == 1  # only the 1024-channel stage has attention
+    # backwards from conv_out: 1 + 6 (+1 up conv) -> /2 = 4; +6+1 -> /2 = 6; +6+1 -> /2 = 7
+    assert tiling.dcae_up_halo(real) == 7 and tiling.dcae_up_factor(real) == 8
+    deeper = DCAEConfig.from_dict(dict(DCAE_REAL, decoder_layers_per_block=[1, 2, 3, 3]))
+    # 1 + 2 -> ceil(4/2) = 2; + 4 -> ceil(7/2) = 4; + 6 -> ceil(11/2) = 6
+    assert tiling.dcae_up_halo(deeper) == 6
+    two = DCAEConfig.from_dict(dict(DCAE_REAL, decoder_block_types=["ResBlock", "ResBlock",
+                                                                    "EfficientViTBlock", "EfficientViTBlock"]))
+    assert tiling.dcae_attention_stages(two) == 2 and tiling.dcae_up_factor(two) == 4
+    assert tiling.vocoder_halo(VocoderConfig.from_dict(VOCODER_REAL)) == 93
+    tiny = VocoderConfig.from_dict(read_config(CHECKPOINT, "vocoder"))
+    assert tiling.vocoder_halo(tiny) == 41
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return dcae.load(CHECKPOINT, parts=("decoder",)).decoder
+
+
+def _up_tiled(dec, h, tile, halo):
+    f = tiling.dcae_up_factor(dec.config)
+    parts = [np.array(dec.up(h[:, :, w.a:w.b]))[:, :, (w.s - w.a) * f:(w.e - w.a) * f]
+             for w in tiling.windows(h.shape[2], tile, halo)]
+    return np.concatenate(parts, axis=2)
+
+
+@pytest.mark.parametrize("T", [37, 64, 101])
+def test_dcae_upper_half_in_tiles_is_bit_identical(decoder, T):
+    """Odd and even lengths, several tiles and a short last one: the convolution-only half gives
+    exactly the whole-length values; one frame less of halo does not."""
+    rng = np.random.default_rng(T)
+    z = mx.array(rng.standard_normal((1, 16, T, 8)).astype(np.float32))
+    h = decoder.low(z)
+    whole = np.array(decoder.up(h))
+    halo = tiling.dcae_up_halo(decoder.config)
+    for tile in (8, 13, 30):
+        np.testing.assert_array_equal(_up_tiled(decoder, h, tile, halo), whole)
+    assert not np.array_equal(_up_tiled(decoder, h, 8, halo - 1), whole)
+
+
+def test_dcae_halo_bounds_the_influence(decoder):
+    """A change at one latent-resolution frame moves mel frames within the halo only."""
+    rng = np.random.default_rng(5)
+    h = rng.standard_normal((1, 16, 40, decoder.conv_in.weight.shape[0])).astype(np.float32)
+    bumped = h.copy()
+    t0 = 20
+    bumped[:, :, t0] += 3.0
+    diff = np.abs(np.array(decoder.up(mx.array(bumped))) - np.array(decoder.up(mx.array(h))))
+    frames = np.nonzero(diff.max(axis=(0, 1, 3)))[0]
+    halo, f = tiling.dcae_up_halo(decoder.config), tiling.dcae_up_factor(decoder.config)
+    assert frames.min() >= (t0 - halo) * f and frames.max() < (t0 + halo + 1) * f
+    assert frames.min() < (t0 - halo + 1) * f or frames.max() >= (t0 + halo) * f  # tight
+
+
+@pytest.mark.parametrize("T,tile,low_tile", [(37, 8, 8), (64, 16, 5), (101, 30, 1000), (101, 1000, 7)])
+def test_dcae_tiled_decoder_equals_whole(decoder, T, tile, low_tile):
+    """The whole tiled decoder, attention included (two passes over windows: only the order of
+    its sums differs), against the whole-length run."""
+    rng = np.random.default_rng(T + tile)
+    z = mx.array(rng.standard_normal((1, 16, T, 8)).astype(np.float32))
+    whole = np.array(decoder(z))
+    tiled = np.array(decoder.tiled(z, tile, low_tile))
+    assert tiled.shape == whole.shape
+    assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
+    if low_tile >= T:
+        np.testing.assert_array_equal(tiled, whole)
+
+
+def test_dcae_golden_in_small_tiles():
+    """The reference's own mel through the tiled path (tiles of 4 and 3 latent frames)."""
+    g = golden("dcae_decode")
+    model = dcae.load(CHECKPOINT, parts=("decoder",))
+    mel = np.array(model.decode_latents(g["in.latents"], tile=4, low_tile=3))
+    ref = np.stack([g["vocoder.0.in.mel"], g["vocoder.1.in.mel"]], axis=1)
+    assert np.abs(mel - ref).max() <= 1e-4
