@@ -340,7 +340,7 @@ class Worker(threading.Thread):
                 self.run_job(job)
             except BaseException:  # never lose the worker; the job still ends once
                 log.exception("worker failure on %s", job.track_id)
-                self.d.finish(job, "error", {"code": MODEL_INFERENCE_FAILED,
+                self.d.finish(job, "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
                                              "message": "internal error in the worker; see the log"})
             finally:
                 q.done(job)
@@ -405,7 +405,7 @@ class Worker(threading.Thread):
             self._end(job, "cancelled", cancelled_payload(job))
             return
         d.notify("generation_start", dict(job.summary(), engine=job.engine, precision=job.precision))
-        staged = d.cache.staging_path(job.track_id, d.settings.format)
+        staged = None
 
         def progress(stage, step, total, fraction):
             tracker(stage, step, total, fraction)
@@ -413,6 +413,7 @@ class Worker(threading.Thread):
 
         failure = None  # (kind, payload) of a job that did not complete
         try:
+            staged = d.cache.staging_path(job.track_id, d.settings.format)
             pipeline = self._pipeline_for(job.backend)
             self._refresh_live()
             info = pipeline.generate(replace(job.params), staged, fmt=d.settings.format,
@@ -440,8 +441,9 @@ class Worker(threading.Thread):
                                 "message": f"generation failed: {type(e).__name__}: {e}"}
         finally:
             try:
-                staged.unlink()
-            except FileNotFoundError:
+                if staged is not None:
+                    staged.unlink()
+            except OSError:  # never written, or the folder went read-only: the next start cleans
                 pass
         if failure is not None:  # free the memory first, so a status after the notice is true
             if failure[0] == "error":
