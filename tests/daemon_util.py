@@ -31,7 +31,8 @@ def make_home(tmp: Path, checkpoint: bool = True) -> Path:
 
 class Daemon:
     def __init__(self, home: Path, *args: str, env: dict | None = None,
-                 fake_step_sec: float | None = None, check_start: bool = True):
+                 fake_step_sec: float | None = None, check_start: bool = True,
+                 wrap: list[str] | None = None):
         self.home = Path(home)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
         full_env.update({"LOFI_HOME": str(home), "PYTHONUNBUFFERED": "1",
@@ -44,7 +45,7 @@ class Daemon:
             cmd = [sys.executable, "-m", "lofi.daemon"]
         self.stderr_path = self.home / f"stderr-{time.monotonic_ns()}.txt"
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(cmd + list(args), cwd=ROOT, env=full_env, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen((wrap or []) + cmd + list(args), cwd=ROOT, env=full_env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr)
         self.lines: list[dict] = []  # everything received, in order
         self.times: list[float] = []  # time.monotonic() when each line arrived

@@ -293,3 +293,20 @@ def test_two_daemons_share_one_cache(tmp_path):
         a.stop()
         b.stop()
     assert staging_files(home) == []
+
+
+def test_disk_full_while_writing_the_record_leaves_no_orphan(tmp_path, monkeypatch):
+    c = TrackCache(tmp_path / "tracks", 10**9)
+    c.open()
+    staged = c.staging_path(tid(1), "wav")
+    staged.write_bytes(b"\0" * 1000)
+
+    def full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cache_mod, "write_new", full)
+    with pytest.raises(cache_mod.LofiError) as e:
+        c.commit(tid(1), staged, {"prompt": "p"})
+    assert e.value.code == "CACHE_WRITE_FAILED" and "No space left" in e.value.message
+    assert [p.name for p in (tmp_path / "tracks").iterdir() if p.is_file()] == [".lock"]
+    assert c.tracks() == []

@@ -18,6 +18,7 @@ from dataclasses import replace
 from lofi.errors import (MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, QUEUE_FULL, Cancelled, LofiError)
 from lofi.params import GenerateParams
 from lofi.daemon import backends
+from lofi.daemon.cache import CACHE_WRITE_FAILED
 
 log = logging.getLogger("lofi.jobs")
 
@@ -431,6 +432,11 @@ class Worker(threading.Thread):
         except LofiError as e:
             log.warning("job %s failed: [%s] %s", job.track_id, e.code, e.message)
             failure = "error", {"track_id": job.track_id, "code": e.code, "message": e.message}
+        except OSError as e:  # writing the file: a read-only or full disk
+            log.warning("job %s failed to write: %s", job.track_id, e)
+            failure = "error", {"track_id": job.track_id, "code": CACHE_WRITE_FAILED,
+                                "message": f"cannot write the track: {e.strerror or e}; check that "
+                                f"{d.cache.root} is writable and has free space"}
         except MemoryError:
             failure = "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
                                 "message": "out of memory while generating; try a shorter duration, "

@@ -144,7 +144,12 @@ def _check_text(params: dict) -> None:
 
 # -- the JSON-RPC envelope ---------------------------------------------------------------------
 
+MAX_MESSAGE = 500  # a message quoting a client's huge value stays readable
+
+
 def _error(rid, code: int, message: str, data: dict | None = None) -> dict:
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 1] + "…"
     err = {"code": code, "message": message}
     if data:
         err["data"] = data
@@ -313,7 +318,8 @@ def cancel(d, params: dict, call: Call) -> dict:
     if job is None:
         if tid is None or d.cache.lookup(tid) is not None:  # nothing running / already finished
             return {"track_id": tid, "cancelled": False, "was_running": False}
-        raise LofiError(UNKNOWN_TRACK, f"no queued, running or cached track {tid}", {"track_id": tid})
+        raise LofiError(UNKNOWN_TRACK, f"no queued, running or cached track {show(tid)}",
+                        {"track_id": tid[:100]})
     with job.lock:
         if job.outcome is not None:
             return {"track_id": job.track_id, "cancelled": False, "was_running": False}
@@ -400,7 +406,7 @@ def cache_delete(d, params: dict, call: Call) -> dict:
     tid = params["track_id"]
     freed = d.cache.delete(tid)
     if freed is None:
-        raise LofiError(UNKNOWN_TRACK, f"no cached track {tid}", {"track_id": tid})
+        raise LofiError(UNKNOWN_TRACK, f"no cached track {show(tid)}", {"track_id": tid[:100]})
     return {"track_id": tid, "deleted": True, "bytes_freed": freed}
 
 
