@@ -300,6 +300,7 @@ class ProgressTracker:
         job = self.job
         self.send("generation_progress", {
             "track_id": job.track_id, "stage": job.stage, "percent": job.percent, "step": job.step,
+            "current_step": job.step,  # lofi.nvim's name for step
             "total_steps": job.total_steps, "eta_sec": job.eta_sec})
         self.last_sent, self.dirty = now, False
 
