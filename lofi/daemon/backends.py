@@ -8,8 +8,10 @@ an ML framework; `open_pipeline` does, on the worker thread, when the first job 
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
+from pathlib import Path
 
 from lofi import MODEL_VERSION
 from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
@@ -24,6 +26,18 @@ MUSICGEN_MESSAGE = ("MusicGen is not part of this product: lofi generates with A
 NVIM_NAMES = {"ace-step": "ace_step", "musicgen": "musicgen"}
 NVIM_STATUS = {"ready": "ready", "not_installed": "not_installed", "downloading": "downloading",
                "converting": "downloading", "damaged": "error"}
+
+
+def model_id(checkpoint: Path) -> str:
+    """The model version plus a digest of the networks' configs: a checkpoint of another size
+    (the tests' tiny one) runs at other speeds and must not share progress estimates."""
+    h = hashlib.sha256()
+    for sub in ("ace_step_transformer", "music_dcae_f8c8", "music_vocoder", "umt5-base"):
+        try:
+            h.update((Path(checkpoint) / sub / "config.json").read_bytes()[:1 << 20])
+        except OSError:
+            pass
+    return f"{MODEL_VERSION}-{h.hexdigest()[:8]}"
 
 
 def open_pipeline(settings: Settings):

@@ -16,7 +16,8 @@ import time
 
 from lofi.daemon.backends import Backends
 from lofi.daemon.cache import TrackCache
-from lofi.daemon.jobs import Estimator, Job, JobQueue, Worker, cancelled_payload
+from lofi.daemon.jobs import Job, JobQueue, Worker, cancelled_payload
+from lofi.progress import Estimator
 from lofi.daemon.methods import handle_line, internal_error
 from lofi.daemon.transport import Writer, read_lines
 
@@ -35,7 +36,7 @@ class Daemon:
         self.backends = Backends(settings)
         self.cache = TrackCache(settings.tracks_dir, settings.cache_size)
         self.queue = JobQueue(settings.queue_size)
-        self.estimator = Estimator()
+        self.estimator = Estimator(settings.home)
         self.worker = Worker(self)
         self.stop_reason: str | None = None
         self.on_stop: list = []  # callables run at shutdown
