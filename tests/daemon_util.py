@@ -195,12 +195,14 @@ class FakeEngine:
 
 class FakePipeline:
     """Follows Pipeline.generate's contract (stages, progress fractions, cancel polling,
-    atomic write at the end) with `FAKE_STEP_SEC` seconds per diffusion step, writing a real
+    atomic write at the end) with `FAKE_STEP_SEC` seconds per diffusion step (the DCAE and the
+    vocoder take `FAKE_DECODE_STEPS` = "dcae,vocoder" steps, default "1,1"), writing a real
     48 kHz stereo sine. A prompt containing FAIL_INFERENCE raises MODEL_INFERENCE_FAILED at step
     2; one containing FAIL_CRASH raises a plain RuntimeError (a bug, as the daemon sees it)."""
 
-    def __init__(self, step_sec: float):
+    def __init__(self, step_sec: float, decode_steps: tuple[float, float] = (1.0, 1.0)):
         self.step_sec = step_sec
+        self.decode_steps = decode_steps  # DCAE and vocoder time, in diffusion steps
         self.engine = FakeEngine()
         self._loaded: list[str] = []
 
@@ -234,10 +236,14 @@ class FakePipeline:
             if "FAIL_CRASH" in params.prompt and i == 1:
                 raise RuntimeError("simulated bug")
             progress("diffusion", i + 1, params.infer_steps, 0.03 + 0.85 * (i + 1) / params.infer_steps)
+        cost = dict(zip(("dcae_decode", "vocoder"), self.decode_steps))
         for stage, frac in (("dcae_decode", 0.88), ("vocoder", 0.93), ("writing", 0.98)):
             check()
             progress(stage, None, None, frac)
-            time.sleep(self.step_sec)
+            left = self.step_sec * cost.get(stage, 1.0)
+            while left > 0:  # cancellable within a long stage, as the real networks are not
+                time.sleep(min(left, 0.05))
+                left -= 0.05
         n = round(params.duration_sec * 48000)
         t = np.arange(n) / 48000.0
         tone = 0.2 * np.sin(2 * np.pi * (220 + params.seed % 200) * t)
@@ -258,5 +264,6 @@ def fake_main():
     from lofi.daemon.__main__ import main
 
     step = float(os.environ["FAKE_STEP_SEC"])
-    backends.open_pipeline = lambda settings: FakePipeline(step)
+    decode = tuple(float(x) for x in os.environ.get("FAKE_DECODE_STEPS", "1,1").split(","))
+    backends.open_pipeline = lambda settings: FakePipeline(step, decode)
     sys.exit(main(sys.argv[1:]))
