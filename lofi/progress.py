@@ -34,7 +34,8 @@ COST_MODEL = {"dcae": 4.0, "vocoder": 10.0}
 WRITE_PER_AUDIO_SEC = 0.006
 WINDOW = 8  # observations kept per segment and key
 FILE_NAME = "estimates.json"
-_FACTOR = (0.5, 2.0)  # how far this job's speed may rescale earlier jobs' times
+_FACTOR = (0.5, 2.0)
+OVERRUN_SHARE = 0.15  # how far this job's speed may rescale earlier jobs' times
 
 
 def nfe_per_step(params) -> float:
@@ -161,6 +162,13 @@ class Estimator:
         return sum(parts) + step * nfe_per_step(params) * max(0, n - 1)
 
 
+def _left(expected: float, spent: float) -> float:
+    """Time left in a segment expected to take `expected` of which `spent` has passed. One that
+    runs over is not assumed to end at once: a share of the time spent is still to come, so
+    percent slows down instead of racing to 99."""
+    return max(expected - spent, OVERRUN_SHARE * spent)
+
+
 def model_key(backend: str, engine: str, device: str, precision: str, model: str) -> str:
     return "/".join(str(x) for x in (backend, engine, device, precision, model))
 
@@ -277,14 +285,14 @@ class JobClock:
                 left = max(0, n - max(self.step, 1))
                 if seg == cur and self.step_marks and left > 0:
                     since = now - self.step_marks[-1][0]
-                    total += max(0.0, step - since) + (left - 1) * step
+                    total += _left(step, since) + (left - 1) * step
                 else:
                     total += left * step
                 continue
             e = est(seg)
             if e is None:
                 return None
-            total += max(0.0, e - in_stage) if seg == cur else e
+            total += _left(e, in_stage) if seg == cur else e
         return total
 
     def estimate(self, now: float | None = None) -> tuple[int, float | None]:

@@ -40,7 +40,7 @@ def worst(errs):
 
 def test_progress_matches_the_clock(tmp_path):
     home = make_home(tmp_path)
-    with Daemon(home, fake_step_sec=0.1, env=FAKE) as d:
+    with Daemon(home, fake_step_sec=0.2, env=FAKE) as d:
         pct, _ = worst(job(d, 1)[1])
         assert pct <= 20, f"first-ever job: {pct:.1f} points off"
         for seed in (2, 3):
@@ -51,7 +51,7 @@ def test_progress_matches_the_clock(tmp_path):
     assert key.startswith("ace-step/mlx/cpu/fp32/ace-step-v1-3.5b-")
     assert set(rates) == {"text", "first_step", "step", "dcae", "vocoder", "writing"}
     assert 7 < rates["vocoder"][-1][1] / rates["step"][-1][1] < 9  # 7.9 steps, as measured
-    with Daemon(home, fake_step_sec=0.1, env=FAKE) as d:  # restarted: estimates like a warm one
+    with Daemon(home, fake_step_sec=0.2, env=FAKE) as d:  # restarted: estimates like a warm one
         tid, errs = job(d, 4)
         pct, eta = worst(errs)
         assert pct <= 10 and eta <= 0.10, (pct, eta)
@@ -61,7 +61,7 @@ def test_progress_matches_the_clock(tmp_path):
 
 def test_other_lengths_and_steps_are_estimated_from_the_same_rates(tmp_path):
     home = make_home(tmp_path)
-    with Daemon(home, fake_step_sec=0.1, env=FAKE) as d:
+    with Daemon(home, fake_step_sec=0.2, env=FAKE) as d:
         job(d, 1, steps=12, duration=10)
         job(d, 2, steps=12, duration=10)
         pct, eta = worst(job(d, 3, steps=24, duration=10)[1])
