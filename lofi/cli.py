@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): bf16 on a GPU, fp32 on a CPU")
     g.add_argument("--engine", default=os.environ.get("LOFI_ENGINE", "auto"),
                    choices=("auto", "mlx", "onnx"))
-    g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"),
-                   choices=("auto", "cpu", "gpu"))
+    g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"), type=_device,
+                   help="auto | cpu | gpu (cuda and metal mean gpu)")
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="ACE-Step folder in the Hugging Face layout (default: $LOFI_HOME/ace-step)")
     g.add_argument("--format", default=None, choices=FORMATS, help="default: from --out's suffix")
     g.add_argument("--keep-loaded", action="store_true", help="keep every network resident")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress and no summary line on stderr")
     g.add_argument("--out", type=Path, required=True, help="output file (.wav or .flac)")
     try:
         from lofi.cli_setup import add_setup_parser
@@ -47,35 +49,106 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _device(raw: str) -> str:
+    from lofi.settings import DEVICE_ALIASES, DEVICES
+    v = DEVICE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+    if v not in DEVICES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DEVICES)} (or cuda, metal)")
+    return v
+
+
 def default_checkpoint() -> Path:
     from lofi.settings import default_home
     home = os.environ.get("LOFI_HOME")
     return (Path(home) if home else default_home()) / "ace-step"
 
 
-class ProgressBar:
-    def __init__(self, stream=sys.stderr, enabled=True):
-        self.stream, self.enabled = stream, enabled
-        self.t0 = time.perf_counter()
-        self.last = None
+def check_out(out: Path) -> None:
+    """Refuse an output that is not a plain file we can write, before any network loads (a
+    device such as /dev/null would otherwise be replaced by the WAV)."""
+    def bad(msg):
+        raise LofiError("INVALID_PARAMS", f"--out: {msg}")
+
+    if str(out) == "-":
+        bad("writing to stdout is not supported; give a file name ending in .wav or .flac")
+    if out.name in ("", ".", ".."):
+        bad(f"{str(out)!r} is not a file name")
+    try:
+        st = out.stat() if os.path.lexists(out) else None
+    except OSError as e:
+        bad(f"cannot use {out}: {e.strerror}")
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        bad(f"{out} is a folder; give a file name inside it")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        bad(f"{out} is not a regular file (a device, pipe or terminal); lofi only writes files")
+    if not out.parent.is_dir():
+        bad(f"folder {out.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lofi-probe-", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        bad(f"cannot write in {out.parent}: {e.strerror}")
+
+
+class Progress:
+    """stderr while generating: a bar on a terminal (stage, step, percent, ETA), one plain line
+    per stage when stderr is not a terminal, nothing with --quiet. Percent and ETA come from the
+    clock (lofi.progress), with the estimates the daemon keeps in LOFI_HOME when it exists."""
+
+    def __init__(self, params, mode: str, checkpoint: Path, stream=None):
+        from lofi.progress import Estimator, JobClock
+        self.ckpt = checkpoint
+        self.home = _home()
+        self.estimator = Estimator(self.home if self.home.is_dir() else None)
+        self.clock = JobClock(self.estimator, params)
+        self.mode, self.stream = mode, stream or sys.stderr
+        self.stage = None
+        self.last_draw = 0.0
 
     def __call__(self, stage, step, total, fraction):
-        if not self.enabled:
-            return
-        pct = min(int(fraction * 100), 99)
-        width = 30
-        bar = "#" * (pct * width // 100)
-        detail = f" {step}/{total}" if step is not None and total else ""
-        line = f"\r[{bar:<{width}}] {pct:3d}% {stage}{detail} {time.perf_counter() - self.t0:6.1f}s"
-        if line != self.last:
-            self.stream.write(line.ljust(70))
+        self.clock.update(stage, step, total, fraction)
+        pct, eta = self.clock.estimate()
+        if self.mode == "lines" and stage != self.stage:
+            steps = f" ({self.clock.total_steps} steps)" if stage == "diffusion" else ""
+            self.stream.write(f"lofi: {stage}{steps}, {pct}%{_eta(eta, ' ')}\n")
             self.stream.flush()
-            self.last = line
+        elif self.mode == "bar" and (stage != self.stage or time.monotonic() - self.last_draw > 0.1):
+            width = 24
+            bar = "#" * (pct * width // 100)
+            detail = f" {step}/{total or self.clock.total_steps}" if stage == "diffusion" and step else ""
+            line = f"[{bar:<{width}}] {pct:3d}% {stage}{detail}{_eta(eta, '  ')}"
+            self.stream.write("\r" + line.ljust(72))
+            self.stream.flush()
+            self.last_draw = time.monotonic()
+        self.stage = stage
 
-    def done(self, msg):
-        if self.enabled:
-            self.stream.write("\r" + " " * 70 + "\r")
-        self.stream.write(msg + "\n")
+    def use_engine(self, engine) -> None:
+        """Estimates are kept per engine, device, precision and model (shared with the daemon)."""
+        from lofi.daemon.backends import model_id
+        from lofi.progress import model_key
+        self.clock.key = model_key("ace-step", engine.name, engine.device, engine.precision,
+                                   model_id(self.ckpt))
+
+    def finish(self, ok: bool) -> None:
+        if self.mode == "bar":
+            self.stream.write("\r" + " " * 72 + "\r")
+        if ok and self.estimator.path is not None and self.clock.key is not None:
+            self.estimator.learn(self.clock.key, self.clock.params.duration_sec,
+                                 self.clock.segments(time.monotonic()))
+
+
+def _eta(eta, sep) -> str:
+    if eta is None:
+        return ""
+    m, s = divmod(int(round(eta)), 60)
+    return f"{sep}ETA {m}:{s:02d}"
+
+
+def _home() -> Path:
+    from lofi.settings import default_home
+    home = os.environ.get("LOFI_HOME")
+    return Path(home) if home else default_home()
 
 
 def cmd_generate(args) -> int:
@@ -87,11 +160,9 @@ def cmd_generate(args) -> int:
                             cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed,
                             lyrics=args.lyrics)
     params.validate()
+    check_out(args.out)
     from lofi.acestep.pipeline import check_model
     ckpt = args.checkpoint or default_checkpoint()
-    if not args.out.parent.is_dir():
-        raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")
-
     from lofi.engines import create_engine
     from lofi.acestep.pipeline import Pipeline
     # creating the engine loads no network; it settles the device and what `auto` means there
@@ -99,12 +170,20 @@ def cmd_generate(args) -> int:
                            keep_loaded=args.keep_loaded)
     # refuse a missing or damaged model before any network loads
     check_model(ckpt, engine.name, engine.precision)
-    bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty() or os.environ.get("LOFI_PROGRESS") == "1")
-    info = Pipeline(ckpt, engine).generate(params, args.out, fmt=fmt, progress=bar)
+    mode = "off" if args.quiet else "bar" if sys.stderr.isatty() else "lines"
+    progress = Progress(params, mode, ckpt)
+    progress.use_engine(engine)
+    try:
+        info = Pipeline(ckpt, engine).generate(params, args.out, fmt=fmt, progress=progress)
+    except BaseException:
+        progress.finish(ok=False)
+        raise
+    progress.finish(ok=True)
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)
-    bar.done(f"wrote {info['path']} ({info['duration_sec']:.2f} s, {info['sample_rate']} Hz stereo, "
-             f"seed {info['seed']}, {info['generation_time_sec']:.1f} s, {rtf:.2f}x real time, "
-             f"{info['engine']}/{info['device']}/{info['precision']})")
+    if not args.quiet:
+        print(f"wrote {info['path']} ({info['duration_sec']:.2f} s, {info['sample_rate']} Hz stereo, "
+              f"seed {info['seed']}, {info['generation_time_sec']:.1f} s, {rtf:.2f}x real time, "
+              f"{info['engine']}/{info['device']}/{info['precision']})", file=sys.stderr)
     return 0
 
 
@@ -120,6 +199,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lofi: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # e.g. the disk filled up while writing
+        print(f"lofi: error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

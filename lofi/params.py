@@ -65,8 +65,8 @@ class GenerateParams:
         if self.cfg_type not in CFG_TYPES:
             bad("cfg_type", f"must be one of {', '.join(CFG_TYPES)}, got {self.cfg_type!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**32):
-            bad("seed", f"must be an integer from 0 to {2**32 - 1} or null, got {self.seed!r}")
+                                      or not 0 <= self.seed < 2**64):  # 64-bit: lofi.nvim's range
+            bad("seed", f"must be an integer from 0 to {2**64 - 1} or null, got {self.seed!r}")
         if not isinstance(self.lyrics, str) or self.lyrics not in ("[inst]", ""):
             bad("lyrics", "only \"[inst]\" (instrumental, the default) or \"\" (the reference's "
                 f"empty-lyrics path) are supported for now, got {str(self.lyrics)[:40]!r}")

@@ -297,9 +297,13 @@ class Player:
              defer: Callable[[Callable[[], None]], None] | None = None) -> dict:
         """Play `path`, replacing what plays. `defer(fn)`, when given, runs the playback_started
         notification after the caller has sent its response."""
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise LofiError(INVALID_PARAMS, f"path: no such audio file: {path}", {"field": "path"})
+        try:  # absolute, so a name like "--script=x" never reaches a player's argv as an option
+            p = Path(path).expanduser().absolute()
+            found = p.is_file()
+        except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, no home for ~user
+            found = False
+        if not found:
+            raise LofiError(INVALID_PARAMS, f"path: no such audio file: {path[:200]}", {"field": "path"})
         if volume is not None:
             self.volume = _check_volume(volume)
         with self._lock:

@@ -44,11 +44,27 @@ def default_home(platform: str | None = None, env: Mapping[str, str] | None = No
 
 # -- value parsers: raise ValueError with what is allowed --------------------------------------
 
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+# Other spellings accepted for compatibility with lofi.nvim's own client and settings.
+BACKEND_ALIASES = {"ace_step": "ace-step", "acestep": "ace-step", "music_gen": "musicgen"}
+DEVICE_ALIASES = {"cuda": "gpu", "metal": "gpu"}  # metal: the MLX GPU
+
+
+def backend_name(raw) -> str | None:
+    """Our name of a backend from any accepted spelling, or None."""
+    if not isinstance(raw, str):
+        return None
+    v = raw.strip().lower()
+    v = BACKEND_ALIASES.get(v, v)
+    return v if v in BACKENDS else None
+
+
+def _choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         v = raw.strip().lower()
+        v = (aliases or {}).get(v, v)
         if v not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
+            also = f" (or {', '.join(aliases)})" if aliases else ""
+            raise ValueError(f"must be one of {', '.join(options)}{also}")
         return v
     return parse
 
@@ -102,9 +118,10 @@ def _path(raw: str) -> Path:
 # name -> (parser, help). The flag is --name-with-dashes, the variable LOFI_NAME.
 _SPECS: dict[str, tuple[Callable[[str], object], str]] = {
     "home": (_path, "folder holding ace-step/, tracks/ and logs/ (default: platform cache + lofi.nvim)"),
-    "backend": (_choice(BACKENDS), "generation backend: " + " | ".join(BACKENDS)),
+    "backend": (_choice(BACKENDS, BACKEND_ALIASES), "generation backend: " + " | ".join(BACKENDS)),
     "engine": (_choice(ENGINES), "inference engine: " + " | ".join(ENGINES)),
-    "device": (_choice(DEVICES), "compute device: " + " | ".join(DEVICES)),
+    "device": (_choice(DEVICES, DEVICE_ALIASES), "compute device: " + " | ".join(DEVICES)
+               + " (cuda and metal mean gpu)"),
     "threads": (_threads, "CPU threads for inference (default: the engine decides)"),
     "queue_size": (_int_range(1, MAX_QUEUE_SIZE), "most pending generate jobs (default 5)"),
     "cache_size": (parse_size, "track cache limit, e.g. 2GB (default), 500MB"),

@@ -31,7 +31,8 @@ def make_home(tmp: Path, checkpoint: bool = True) -> Path:
 
 class Daemon:
     def __init__(self, home: Path, *args: str, env: dict | None = None,
-                 fake_step_sec: float | None = None, check_start: bool = True):
+                 fake_step_sec: float | None = None, check_start: bool = True,
+                 wrap: list[str] | None = None):
         self.home = Path(home)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOFI_")}
         full_env.update({"LOFI_HOME": str(home), "PYTHONUNBUFFERED": "1",
@@ -44,7 +45,7 @@ class Daemon:
             cmd = [sys.executable, "-m", "lofi.daemon"]
         self.stderr_path = self.home / f"stderr-{time.monotonic_ns()}.txt"
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(cmd + list(args), cwd=ROOT, env=full_env, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen((wrap or []) + cmd + list(args), cwd=ROOT, env=full_env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr)
         self.lines: list[dict] = []  # everything received, in order
         self.times: list[float] = []  # time.monotonic() when each line arrived
@@ -194,12 +195,14 @@ class FakeEngine:
 
 class FakePipeline:
     """Follows Pipeline.generate's contract (stages, progress fractions, cancel polling,
-    atomic write at the end) with `FAKE_STEP_SEC` seconds per diffusion step, writing a real
+    atomic write at the end) with `FAKE_STEP_SEC` seconds per diffusion step (the DCAE and the
+    vocoder take `FAKE_DECODE_STEPS` = "dcae,vocoder" steps, default "1,1"), writing a real
     48 kHz stereo sine. A prompt containing FAIL_INFERENCE raises MODEL_INFERENCE_FAILED at step
     2; one containing FAIL_CRASH raises a plain RuntimeError (a bug, as the daemon sees it)."""
 
-    def __init__(self, step_sec: float):
+    def __init__(self, step_sec: float, decode_steps: tuple[float, float] = (1.0, 1.0)):
         self.step_sec = step_sec
+        self.decode_steps = decode_steps  # DCAE and vocoder time, in diffusion steps
         self.engine = FakeEngine()
         self._loaded: list[str] = []
 
@@ -233,10 +236,14 @@ class FakePipeline:
             if "FAIL_CRASH" in params.prompt and i == 1:
                 raise RuntimeError("simulated bug")
             progress("diffusion", i + 1, params.infer_steps, 0.03 + 0.85 * (i + 1) / params.infer_steps)
+        cost = dict(zip(("dcae_decode", "vocoder"), self.decode_steps))
         for stage, frac in (("dcae_decode", 0.88), ("vocoder", 0.93), ("writing", 0.98)):
             check()
             progress(stage, None, None, frac)
-            time.sleep(self.step_sec)
+            left = self.step_sec * cost.get(stage, 1.0)
+            while left > 0:  # cancellable within a long stage, as the real networks are not
+                time.sleep(min(left, 0.05))
+                left -= 0.05
         n = round(params.duration_sec * 48000)
         t = np.arange(n) / 48000.0
         tone = 0.2 * np.sin(2 * np.pi * (220 + params.seed % 200) * t)
@@ -257,5 +264,6 @@ def fake_main():
     from lofi.daemon.__main__ import main
 
     step = float(os.environ["FAKE_STEP_SEC"])
-    backends.open_pipeline = lambda settings: FakePipeline(step)
+    decode = tuple(float(x) for x in os.environ.get("FAKE_DECODE_STEPS", "1,1").split(","))
+    backends.open_pipeline = lambda settings: FakePipeline(step, decode)
     sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 """`lofi generate` end to end on the tiny checkpoint, and its refusals."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,3 +114,79 @@ def test_parsing_and_sampler_do_not_import_mlx():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("out,needle", [
+    ("/dev/null", "not a regular file"), ("", "not a file name"), ("-", "stdout"),
+    ("/proc/self/fd/2", "not a regular file"), ("{tmp}", "is a folder"),
+    ("{tmp}/missing/o.wav", "does not exist"),
+])
+def test_out_refused_before_loading(tmp_path, out, needle):
+    """Checked before any network loads: a missing checkpoint would be reported otherwise."""
+    before = os.stat("/dev/null")
+    r = lofi("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--duration", "5",
+             "--out", out.format(tmp=tmp_path))
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_rdev) == (before.st_mode, before.st_rdev)  # still the device
+
+
+def test_out_in_a_readonly_folder_refused_before_loading(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root ignores modes: a read-only mount in a private namespace
+        cmd = ["unshare", "-m", "sh", "-c", f'mount --bind "{ro}" "{ro}" && mount -o remount,bind,ro "{ro}" '
+               '&& exec "$@"', "sh"]
+    else:
+        ro.chmod(0o555)
+        cmd = []
+    r = subprocess.run(cmd + LOFI + ["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x",
+                                     "--duration", "5", "--out", str(ro / "o.wav")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot write in" in r.stderr, r.stderr
+
+
+def test_progress_lines_when_not_a_terminal_and_quiet(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"LOFI_HOME": str(home)}
+    r = lofi("generate", "--checkpoint", str(CHECKPOINT), "--prompt", "lofi", "--duration", "5",
+             "--steps", "3", "--seed", "1", "--out", str(tmp_path / "a.wav"), env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    stages = [ln.split(":", 1)[1].split(",")[0].split(" (")[0].strip() for ln in lines if ln.startswith("lofi: ")]
+    assert stages == ["text_encoding", "diffusion", "dcae_decode", "vocoder", "writing"], r.stderr
+    assert "\r" not in r.stderr and lines[-1].startswith("wrote ")
+    assert (home / "estimates.json").is_file()  # learnt, so the next run estimates from the start
+    r = lofi("generate", "--checkpoint", str(CHECKPOINT), "--prompt", "lofi", "--duration", "5",
+             "--steps", "3", "--seed", "2", "--out", str(tmp_path / "b.wav"), env=env)
+    assert re.search(r"^lofi: text_encoding, \d+% ETA \d+:\d\d$", r.stderr, re.M), r.stderr
+    r = lofi("generate", "--checkpoint", str(CHECKPOINT), "--prompt", "lofi", "--duration", "5",
+             "--steps", "3", "--seed", "3", "--quiet", "--out", str(tmp_path / "c.wav"), env=env)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    import pty
+    home = tmp_path / "home"
+    home.mkdir()
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(LOFI + ["generate", "--checkpoint", str(CHECKPOINT), "--prompt", "lofi",
+                                    "--duration", "5", "--steps", "4", "--seed", "1",
+                                    "--out", str(tmp_path / "a.wav")],
+                            stderr=slave, stdout=subprocess.DEVNULL, env=dict(os.environ, LOFI_HOME=str(home)))
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(600) == 0
+    text = out.decode()
+    frames = [f for f in text.split("\r") if f.startswith("[")]
+    assert any("diffusion 2/4" in f for f in frames) and any("vocoder" in f for f in frames), text
+    assert all("%" in f for f in frames) and "wrote" in text

@@ -71,29 +71,54 @@ def test_index_rebuilt_at_start_and_repaired(tmp_path):
     c.open()
     for i in range(3):
         put(c, i)
-    # leftovers of crashed writers
-    (root / f"{tid(7)}.wav").write_bytes(b"orphan audio")          # died between the two renames
-    (root / f"{tid(8)}.json").write_text(json.dumps({"track_id": tid(8), "file": f"{tid(8)}.wav"}))
-    (root / f"{tid(9)}.json").write_text("{broken")
+    # leftovers of crashed writers, and files that are not ours
+    (root / f"{tid(7)}.wav").write_bytes(b"lofi.nvim's own track")      # no sidecar: not ours
+    (root / f"{tid(9)}.json").write_text("{broken")                    # unreadable: left alone
+    gone = {"track_id": tid(8), "file": f"{tid(8)}.wav", "created_at": 1.0}
+    (root / f"{tid(8)}.json").write_text(json.dumps(gone))             # ours, audio deleted
     (root / f".{tid(1)}.json.999999999.abcd.tmp").write_text("partial")  # dead pid
-    dead = root / ".staging" / "999999999-dead"
+    dead = root / ".staging" / "999999999-deadbeef"
     dead.mkdir(parents=True)
     (dead / f"{tid(5)}.wav").write_bytes(b"partial")
-    live = root / ".staging" / f"{os.getppid()}-live"  # a process that is alive
+    live = root / ".staging" / f"{os.getppid()}-0123abcd"  # a process that is alive
     live.mkdir()
     (live / f"{tid(6)}.wav").write_bytes(b"being written")
+    other = root / ".staging" / "not-ours"
+    other.mkdir()
     (root / "notes.txt").write_text("not ours")
 
     c2 = TrackCache(root, 10**9)
     c2.open()
     assert {t.track_id for t in c2.tracks()} == {tid(0), tid(1), tid(2)}
-    assert not (root / f"{tid(7)}.wav").exists() and not (root / f"{tid(8)}.json").exists()
-    assert not (root / f"{tid(9)}.json").exists()
-    assert not dead.exists() and (live / f"{tid(6)}.wav").exists()
+    assert (root / f"{tid(7)}.wav").read_bytes() == b"lofi.nvim's own track"
+    assert (root / f"{tid(9)}.json").read_text() == "{broken"
+    assert not (root / f"{tid(8)}.json").exists()
+    assert not (root / f".{tid(1)}.json.999999999.abcd.tmp").exists()
+    assert not dead.exists() and (live / f"{tid(6)}.wav").exists() and other.is_dir()
     assert (root / "notes.txt").exists()
-    (root / "notes.txt").unlink()
+    foreign = c2.stats()["foreign"]
+    assert foreign["count"] == 3 and foreign["bytes"] == len(b"lofi.nvim's own track") + 7 + 8
+    for p in (root / "notes.txt", root / f"{tid(7)}.wav", root / f"{tid(9)}.json"):
+        p.unlink()
     import shutil
     shutil.rmtree(live)
+    check_consistent(root)
+
+
+def test_interrupted_commit_is_finished_at_start(tmp_path):
+    """Killed between moving the audio into place and renaming its record: the next start
+    completes the commit from the record written first, instead of losing (or orphaning) it."""
+    root = tmp_path / "tracks"
+    c = TrackCache(root, 10**9)
+    c.open()
+    put(c, 1)
+    side = root / f"{tid(1)}.json"
+    meta = side.read_text()
+    side.unlink()
+    (root / f".{tid(1)}.json.999999999.0badf00d.tmp").write_text(meta)
+    c2 = TrackCache(root, 10**9)
+    c2.open()
+    assert [t.track_id for t in c2.tracks()] == [tid(1)] and side.read_text() == meta
     check_consistent(root)
 
 
@@ -251,7 +276,7 @@ def test_two_daemons_share_one_cache(tmp_path):
         # a track made by one daemon is a cache hit for the other
         last_a = jobs[-2][1]
         r = gen(b, 105)
-        assert r == {"track_id": last_a, "status": "cached", "position": 0, "seed": 105}
+        assert r == {"track_id": last_a, "status": "cached", "position": 0, "seed": 105, "backend": "ace-step"}
         la = {t["track_id"] for t in a.call("cache_list")["tracks"]}
         lb = {t["track_id"] for t in b.call("cache_list")["tracks"]}
         assert la == lb
@@ -268,3 +293,20 @@ def test_two_daemons_share_one_cache(tmp_path):
         a.stop()
         b.stop()
     assert staging_files(home) == []
+
+
+def test_disk_full_while_writing_the_record_leaves_no_orphan(tmp_path, monkeypatch):
+    c = TrackCache(tmp_path / "tracks", 10**9)
+    c.open()
+    staged = c.staging_path(tid(1), "wav")
+    staged.write_bytes(b"\0" * 1000)
+
+    def full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cache_mod, "write_new", full)
+    with pytest.raises(cache_mod.LofiError) as e:
+        c.commit(tid(1), staged, {"prompt": "p"})
+    assert e.value.code == "CACHE_WRITE_FAILED" and "No space left" in e.value.message
+    assert [p.name for p in (tmp_path / "tracks").iterdir() if p.is_file()] == [".lock"]
+    assert c.tracks() == []

@@ -76,7 +76,7 @@ def test_generate_progress_complete_and_cached(daemon, home):
 
     n = len(daemon.lines)
     again = daemon.call("generate", dict(REQ_LONG, seed=1234))
-    assert again == {"track_id": tid, "status": "cached", "position": 0, "seed": 1234}
+    assert again == {"track_id": tid, "status": "cached", "position": 0, "seed": 1234, "backend": "ace-step"}
     cached = daemon.wait_for(lambda m: m.get("method") == "generation_complete", 5, start=n)["params"]
     assert cached["cached"] is True and cached["path"] == done["path"]
     assert staging_files(home) == []

@@ -78,7 +78,7 @@ def test_generate_progress_complete_then_cached(daemon, home):
 
     n = len(daemon.lines)
     again = gen(daemon, steps=20, seed=42)
-    assert again == {"track_id": tid, "status": "cached", "position": 0, "seed": 42}
+    assert again == {"track_id": tid, "status": "cached", "position": 0, "seed": 42, "backend": "ace-step"}
     cached = daemon.wait_for(lambda m: m.get("method") == "generation_complete", start=n)["params"]
     assert cached["cached"] is True and cached["path"] == done["path"]
     # 15 and 15.0 are the same track
@@ -178,7 +178,7 @@ def test_duplicate_of_running_job(daemon):
     a = gen(daemon, steps=30, seed=7)
     daemon.event("generation_start", a["track_id"])
     again = gen(daemon, steps=30, seed=7)
-    assert again == {"track_id": a["track_id"], "status": "generating", "position": 0, "seed": 7}
+    assert again == {"track_id": a["track_id"], "status": "generating", "position": 0, "seed": 7, "backend": "ace-step"}
     assert daemon.end(a["track_id"])[0] == "complete"
     time.sleep(0.3)
     assert daemon.ended(a["track_id"]) == ["generation_complete"]

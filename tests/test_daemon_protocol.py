@@ -72,7 +72,7 @@ def test_unknown_method(daemon):
     ("generate", {"prompt": "lofi", "duration_sec": 30, "scheduler": "ddim"}, "scheduler"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "cfg_type": "xyz"}, "cfg_type"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "seed": -1}, "seed"),
-    ("generate", {"prompt": "lofi", "duration_sec": 30, "seed": 2**32}, "seed"),
+    ("generate", {"prompt": "lofi", "duration_sec": 30, "seed": 2**64}, "seed"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "seed": "42"}, "seed"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "priority": "urgent"}, "priority"),
     ("generate", {"prompt": "lofi", "duration_sec": 30, "backend": "suno"}, "backend"),

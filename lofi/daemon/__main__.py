@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import stat
 import sys
 
 from lofi import __version__
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="lofi's generation daemon: JSON-RPC 2.0, one object per line on stdin/stdout "
                     "(see docs/protocol.md). Each setting also reads the LOFI_* variable shown.")
     ap.add_argument("--version", action="version", version=f"lofi-daemon {__version__}")
+    # lofi.nvim's own client starts `<daemon_path> --daemon`; this process is always one
+    ap.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     add_arguments(ap)
     return ap
 
@@ -33,15 +36,27 @@ def setup_logging(settings) -> None:
     to_stderr.setFormatter(fmt)
     root.addHandler(to_stderr)
     try:
-        settings.logs_dir.mkdir(parents=True, exist_ok=True)
-        path = settings.logs_dir / "daemon.log"
-        if path.exists() and path.stat().st_size > LOG_FILE_MAX:  # one old generation is kept
-            os.replace(path, path.with_suffix(".log.1"))
-        to_file = logging.FileHandler(path, encoding="utf-8")
+        to_file = logging.StreamHandler(open_log(settings.logs_dir))
         to_file.setFormatter(fmt)
         root.addHandler(to_file)
     except OSError as e:
         root.warning("no log file under %s: %s", settings.logs_dir, e)
+
+
+def open_log(logs_dir):
+    """logs/daemon.log for appending, never through a link (a link there is refused)."""
+    if os.path.islink(logs_dir):
+        raise OSError(f"{logs_dir} is a symbolic link")
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    path = logs_dir / "daemon.log"
+    st = os.lstat(path) if os.path.lexists(path) else None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size > LOG_FILE_MAX:
+        os.replace(path, path.with_suffix(".log.1"))  # one old generation is kept
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
 
 
 def main(argv=None) -> int:
@@ -63,7 +78,13 @@ def main(argv=None) -> int:
     setup_logging(settings)
     from lofi.daemon.server import Daemon
 
-    daemon = Daemon(settings, in_fd=sys.stdin.fileno(), out_fd=out_fd)
+    try:  # the track cache must be usable before anything is promised to a client
+        daemon = Daemon(settings, in_fd=sys.stdin.fileno(), out_fd=out_fd)
+        daemon.cache.open()
+    except OSError as e:
+        print(f"lofi-daemon: cannot use LOFI_HOME {settings.home}: {e}", file=sys.stderr)
+        logging.shutdown()
+        return 2
     for name in ("SIGTERM", "SIGINT", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda sig, frame: daemon.request_stop(

@@ -8,16 +8,36 @@ an ML framework; `open_pipeline` does, on the worker thread, when the first job 
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
+from pathlib import Path
 
 from lofi import MODEL_VERSION
 from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
 from lofi.params import MAX_DURATION, MIN_DURATION, SAMPLE_RATE
-from lofi.settings import BACKENDS, Settings
+from lofi.settings import BACKENDS, Settings, backend_name
 
 MUSICGEN_MESSAGE = ("MusicGen is not part of this product: lofi generates with ACE-Step "
                     "(up to 240 s per track). Use the ace-step backend.")
+
+
+# lofi.nvim's client reads `type` (its spelling of the name) and `status` from get_backends
+NVIM_NAMES = {"ace-step": "ace_step", "musicgen": "musicgen"}
+NVIM_STATUS = {"ready": "ready", "not_installed": "not_installed", "downloading": "downloading",
+               "converting": "downloading", "damaged": "error"}
+
+
+def model_id(checkpoint: Path) -> str:
+    """The model version plus a digest of the networks' configs: a checkpoint of another size
+    (the tests' tiny one) runs at other speeds and must not share progress estimates."""
+    h = hashlib.sha256()
+    for sub in ("ace_step_transformer", "music_dcae_f8c8", "music_vocoder", "umt5-base"):
+        try:
+            h.update((Path(checkpoint) / sub / "config.json").read_bytes()[:1 << 20])
+        except OSError:
+            pass
+    return f"{MODEL_VERSION}-{h.hexdigest()[:8]}"
 
 
 def open_pipeline(settings: Settings):
@@ -36,10 +56,12 @@ class Backends:
         self.current = settings.backend
 
     def check_name(self, name) -> str:
-        if not isinstance(name, str) or name not in BACKENDS:
-            raise LofiError(INVALID_PARAMS, f"backend must be one of {', '.join(BACKENDS)}, got {name!r}",
-                            {"field": "backend", "allowed": list(BACKENDS)})
-        return name
+        """Our name of a backend (lofi.nvim's `ace_step` is `ace-step`); INVALID_PARAMS otherwise."""
+        ours = backend_name(name)
+        if ours is None:
+            raise LofiError(INVALID_PARAMS, f"backend must be one of {', '.join(BACKENDS)}, got "
+                            f"{str(name)[:60]!r}", {"field": "backend", "allowed": list(BACKENDS)})
+        return ours
 
     def state(self, name: str) -> tuple[str, str | None, dict]:
         """(ready | not_installed | downloading | converting | damaged, a message a person can act
@@ -97,9 +119,10 @@ class Backends:
     def describe(self, name: str, live: dict | None = None) -> dict:
         """One backend for get_backends; `live` is what the worker's engine reports, if it exists."""
         state, message, detail = self.state(name)
-        base = dict(detail, name=name, state=state, message=message, current=name == self.current)
-        if name == "musicgen":
-            return dict(base, min_duration_sec=None, max_duration_sec=30.0, sample_rate=None,
+        base = dict(detail, name=name, state=state, message=message, current=name == self.current,
+                    type=NVIM_NAMES[name], status=NVIM_STATUS.get(state, "error"))
+        if name == "musicgen":  # the model's own figures (32 kHz, up to 30 s), though not installed
+            return dict(base, min_duration_sec=5, max_duration_sec=30, sample_rate=32000,
                         model_version=None, engine=None, device=None, precision=None, path=None)
         try:
             engine, engine_message = self.engine_name(), None
@@ -107,7 +130,7 @@ class Backends:
             engine, engine_message = None, e.message
         live = live or {}
         from lofi.engines import available_engines
-        return dict(base, min_duration_sec=MIN_DURATION, max_duration_sec=MAX_DURATION,
+        return dict(base, min_duration_sec=int(MIN_DURATION), max_duration_sec=int(MAX_DURATION),
                     sample_rate=SAMPLE_RATE, model_version=MODEL_VERSION,
                     engine=live.get("engine") or engine,
                     device=live.get("device") or self.predicted_device(engine),

@@ -10,87 +10,96 @@ long and never corrupt each other:
   never indexed, so eviction can not touch a file being written; a crashed daemon's staging
   folder is removed by the next daemon that starts;
 - eviction is least-recently-used by total bytes and spares the track just committed and any
-  track returned (committed or served from the cache) in the last RECENT_SEC seconds.
+  track returned (committed or served from the cache) in the last RECENT_SEC seconds;
+- nothing the daemon did not write is ever deleted or overwritten (lofi.nvim keeps its own
+  `<16 hex>.wav` files in the same folder): only indexed tracks, our own temporary names and our
+  own staging folders are removed, no link is followed, and every other entry is "foreign",
+  counted by `stats()` and left alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
-import sys
-import threading
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lofi.daemon.files import NOFOLLOW, FileLock, load_json, real_dir, regular, stale, unlink, write_new
+from lofi.errors import LofiError
+
 log = logging.getLogger("lofi.cache")
 
+CACHE_WRITE_FAILED = "CACHE_WRITE_FAILED"
 RECENT_SEC = 2.0
 STALE_STAGING_SEC = 24 * 3600
 _ID = r"[0-9a-f]{16}"
 _SIDECAR = re.compile(rf"({_ID})\.json")
 _AUDIO = re.compile(rf"({_ID})\.(wav|flac)")
-_TMP_SIDECAR = re.compile(rf"\.{_ID}\.json\.(\d+)\.[0-9a-f]+\.tmp")
+_TMP_SIDECAR = re.compile(rf"\.({_ID})\.json\.(\d+)\.[0-9a-f]+\.tmp")
+_STAGING_DIR = re.compile(r"(\d+)-[0-9a-f]{8}")
+_PROBE = re.compile(r"\.probe\.(\d+)\.[0-9a-f]+\.tmp")
 
 
-# -- a lock shared by threads of this process and by other processes --------------------------
+# -- what a sidecar of ours looks like ---------------------------------------------------------
 
-if sys.platform == "win32":
-    import msvcrt
-
-    def _lock_fd(fd: int) -> None:
-        while True:
-            os.lseek(fd, 0, os.SEEK_SET)
-            try:
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # gives up after ~10 s; keep waiting
-                return
-            except OSError:
-                continue
-
-    def _unlock_fd(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-else:
-    import fcntl
-
-    def _lock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-
-    def _unlock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+_NUMBERS = ("created_at", "last_played_at", "generation_time_sec", "duration_sec")
+_INTEGERS = ("sample_rate", "channels", "seed")
+_TEXTS = ("prompt", "format", "backend", "engine", "device", "precision", "model_version",
+          "priority", "lofi_version")
+_OBJECTS = ("params", "timings")
 
 
-class FileLock:
-    """Re-entrant within a thread, exclusive across threads and processes."""
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    def __init__(self, path: Path):
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._thread = threading.RLock()
-        self._depth = 0
 
-    def __enter__(self):
-        self._thread.acquire()
-        if self._depth == 0:
-            try:
-                _lock_fd(self._fd)
-            except BaseException:
-                self._thread.release()
-                raise
-        self._depth += 1
-        return self
+def _is_text(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
+        return False
+    return True
 
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            _unlock_fd(self._fd)
-        self._thread.release()
 
-    def close(self):
-        os.close(self._fd)
+def _ours(meta, tid: str) -> bool:
+    """Shaped like a sidecar this program wrote for tid (whatever its other fields hold)."""
+    name = meta.get("file") if isinstance(meta, dict) else None
+    return (meta.get("track_id") == tid if isinstance(meta, dict) else False) and \
+        isinstance(name, str) and _AUDIO.fullmatch(name) is not None and name.startswith(tid)
+
+
+def _invalid_field(meta: dict) -> str | None:
+    """The first field whose value is not what we write there, or None."""
+    if not _is_num(meta.get("created_at")):
+        return "created_at"
+    for k in _NUMBERS:
+        if meta.get(k) is not None and not _is_num(meta[k]):
+            return k
+    for k in _INTEGERS:
+        v = meta.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            return k
+    for k in _TEXTS:
+        if meta.get(k) is not None and not _is_text(meta[k]):
+            return k
+    for k in _OBJECTS:
+        if meta.get(k) is not None and not isinstance(meta[k], dict):
+            return k
+    return None
+
+
+def _write_failed(what: str, e: OSError) -> LofiError:
+    return LofiError(CACHE_WRITE_FAILED, f"cannot {what}: {e.strerror or e}; check that the track "
+                     f"cache folder is writable and has free space", {"path": str(e.filename or "")})
 
 
 # -- the index --------------------------------------------------------------------------------
@@ -101,7 +110,7 @@ class Track:
     meta: dict
     audio: Path
     bytes: int
-    stamp: tuple  # the sidecar's (mtime_ns, size) when read
+    stamp: tuple  # the sidecar's (mtime_ns, size, inode) when read
 
     @property
     def last_used(self) -> float:
@@ -117,24 +126,42 @@ class TrackCache:
         self.limit = int(limit_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(self.root / ".lock")
-        self.staging = self.root / ".staging" / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.staging_root = self.root / ".staging"
+        self.staging = self.staging_root / f"{os.getpid()}-{secrets.token_hex(4)}"
         self._index: dict[str, Track] = {}
+        self._warned: set = set()
+        self.opened = False
 
     # -- start and stop ---------------------------------------------------------------------
     def open(self) -> None:
-        """Rebuild the index from the sidecars, repair leftovers of crashed writers, apply the limit."""
+        """Check the folder is usable, finish or drop crashed writers' leftovers, rebuild the
+        index from the sidecars, apply the limit. Raises OSError when the folder cannot be used."""
         with self._lock:
+            self._probe_writable()
             self._remove_stale()
             self._scan(repair=True)
             evicted = self._evict(keep=())
-        log.info("track cache %s: %d tracks, %d bytes (limit %d)%s", self.root, len(self._index),
-                 self._total(), self.limit, f", evicted {len(evicted)}" if evicted else "")
+        self.opened = True
+        foreign = self._foreign()
+        log.info("track cache %s: %d tracks, %d bytes (limit %d)%s%s", self.root, len(self._index),
+                 self._total(), self.limit, f", evicted {len(evicted)}" if evicted else "",
+                 f", {foreign['count']} files not ours left alone" if foreign["count"] else "")
 
     def remove_staging(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if real_dir(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def staging_path(self, track_id: str, fmt: str) -> Path:
-        self.staging.mkdir(parents=True, exist_ok=True)
+        for d in (self.staging_root, self.staging):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise _write_failed(f"create the staging folder {d}", e) from e
+            if not real_dir(d):
+                raise LofiError(CACHE_WRITE_FAILED, f"{d} is not a folder (a link or a file is in "
+                                "its place); remove it", {"path": str(d)})
         return self.staging / f"{track_id}.{fmt}"
 
     # -- queries ----------------------------------------------------------------------------
@@ -143,11 +170,16 @@ class TrackCache:
         with self._lock:
             self._scan()
             t = self._index.get(track_id)
-            if t is None or not t.audio.is_file():
+            if t is None or regular(t.audio) is None:
                 return None
             if touch:
-                t.meta["last_played_at"] = time.time()
-                self._write_sidecar(t.track_id, t.meta)
+                meta = dict(t.meta, last_played_at=time.time())
+                try:
+                    self._write_sidecar(t.track_id, meta)
+                except OSError as e:  # a read-only cache still serves its tracks
+                    log.warning("cannot mark %s played: %s", track_id, e)
+                    return t
+                t.meta = meta
                 self._scan()
                 t = self._index.get(track_id, t)
             return t
@@ -161,25 +193,46 @@ class TrackCache:
     def stats(self) -> dict:
         with self._lock:
             self._scan()
-            created = [float(t.meta.get("created_at", 0.0)) for t in self._index.values()]
+            created = [float(t.meta["created_at"]) for t in self._index.values()]
             return {"count": len(self._index), "bytes": self._total(),
                     "oldest": min(created) if created else None,
                     "newest": max(created) if created else None,
-                    "limit_bytes": self.limit, "path": str(self.root)}
+                    "limit_bytes": self.limit, "path": str(self.root), "foreign": self._foreign()}
 
     # -- changes ----------------------------------------------------------------------------
     def commit(self, track_id: str, staged: Path, meta: dict) -> Track:
-        """Move a finished file from staging into the cache, write its sidecar, then evict."""
+        """Move a finished file from staging into the cache, write its sidecar, then evict.
+        The sidecar is written to a temporary name first, so a crash between the two renames
+        leaves a record the next start uses to finish the commit (never a nameless orphan)."""
         with self._lock:
             self._scan()
             old = self._index.get(track_id)
             final = self.root / f"{track_id}{staged.suffix}"
+            side = self.root / f"{track_id}.json"
+            for p in (final, side):
+                if os.path.lexists(p) and (old is None or p not in (old.audio, side)):
+                    raise LofiError(CACHE_WRITE_FAILED, f"{p} exists and was not written by lofi; "
+                                    "it is left alone", {"path": str(p)})
             now = time.time()
             meta = dict(meta, track_id=track_id, file=final.name, created_at=now, last_played_at=now)
-            os.replace(staged, final)
-            self._write_sidecar(track_id, meta)
+            try:
+                tmp = self._write_tmp(track_id, meta)
+            except OSError as e:
+                raise _write_failed(f"write the record of track {track_id}", e) from e
+            try:
+                os.replace(staged, final)
+            except OSError as e:
+                unlink(tmp)
+                raise _write_failed(f"move track {track_id} into the cache", e) from e
+            try:
+                os.replace(tmp, side)
+            except OSError as e:
+                unlink(tmp)
+                if old is None:
+                    unlink(final)
+                raise _write_failed(f"write the record of track {track_id}", e) from e
             if old is not None and old.audio != final:  # same track, earlier in another format
-                _unlink(old.audio)
+                unlink(old.audio)
             self._scan()
             self._evict(keep=(track_id,))
             return self._index[track_id]
@@ -191,7 +244,10 @@ class TrackCache:
             t = self._index.get(track_id)
             if t is None:
                 return None
-            self._remove(t)
+            try:
+                self._remove(t)
+            except OSError as e:
+                raise _write_failed(f"delete track {track_id}", e) from e
             return t.bytes
 
     def clear(self) -> tuple[int, int]:
@@ -201,7 +257,7 @@ class TrackCache:
             for t in list(self._index.values()):
                 try:
                     self._remove(t)
-                except OSError as e:  # e.g. a file open in a player on Windows
+                except OSError as e:  # e.g. a file open in a player on Windows, a read-only folder
                     log.warning("cannot delete %s: %s", t.audio, e)
                     continue
                 n, freed = n + 1, freed + t.bytes
@@ -212,72 +268,100 @@ class TrackCache:
         return sum(t.bytes for t in self._index.values())
 
     def _remove(self, t: Track) -> None:
-        _unlink(t.audio)  # audio first: a file in use (Windows) raises here and keeps its sidecar
-        _unlink(self.root / f"{t.track_id}.json")
+        unlink(t.audio)  # audio first: a file in use (Windows) raises here and keeps its sidecar
+        unlink(self.root / f"{t.track_id}.json")
         self._index.pop(t.track_id, None)
 
-    def _write_sidecar(self, track_id: str, meta: dict) -> None:
-        path = self.root / f"{track_id}.json"
+    def _write_tmp(self, track_id: str, meta: dict) -> Path:
         tmp = self.root / f".{track_id}.json.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        data = json.dumps(meta, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
+        write_new(tmp, data)
+        return tmp
+
+    def _write_sidecar(self, track_id: str, meta: dict) -> None:
+        tmp = self._write_tmp(track_id, meta)
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(meta, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, self.root / f"{track_id}.json")
         except BaseException:
-            _unlink(tmp)
+            unlink(tmp)
             raise
 
+    def _probe_writable(self) -> None:
+        probe = self.root / f".probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644))
+        os.unlink(probe)
+
+    def _warn_once(self, key, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
     def _scan(self, repair: bool = False) -> None:
-        """Refresh the index, re-reading only the sidecars whose mtime or size changed."""
+        """Refresh the index, re-reading only the sidecars that changed. Sidecars that are not
+        regular files, unreadable or with a field of the wrong type are left out (and alone)."""
         fresh: dict[str, Track] = {}
-        audio_files: dict[str, list[Path]] = {}
         with os.scandir(self.root) as it:
-            entries = list(it)
+            entries = [e for e in it if _SIDECAR.fullmatch(e.name)]
         for e in entries:
-            m = _AUDIO.fullmatch(e.name)
-            if m:
-                audio_files.setdefault(m.group(1), []).append(Path(e.path))
-        for e in entries:
-            m = _SIDECAR.fullmatch(e.name)
-            if not m:
-                continue
-            tid = m.group(1)
+            tid = e.name[:16]
             try:
-                st = e.stat()
-            except FileNotFoundError:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                st = e.stat(follow_symlinks=False)
+            except OSError:
                 continue
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             known = self._index.get(tid)
-            if known is not None and known.stamp == stamp and known.audio.is_file():
+            if known is not None and known.stamp == stamp and regular(known.audio) is not None:
                 fresh[tid] = known
                 continue
-            track = self._read(tid, Path(e.path), stamp)
+            track = self._read(tid, Path(e.path), stamp, repair)
             if track is not None:
                 fresh[tid] = track
-            elif repair:
-                log.warning("removing broken cache entry %s", e.path)
-                _unlink(Path(e.path))
         self._index = fresh
-        if repair:  # audio without a sidecar: a writer died between its two renames
-            for tid, paths in audio_files.items():
-                for p in paths:
-                    if tid not in fresh or fresh[tid].audio != p:
-                        log.warning("removing orphan audio %s", p)
-                        _unlink(p)
 
-    def _read(self, tid: str, sidecar: Path, stamp: tuple) -> Track | None:
+    def _read(self, tid: str, sidecar: Path, stamp: tuple, repair: bool) -> Track | None:
         try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-            name = meta["file"]
-            if meta.get("track_id") != tid or not _AUDIO.fullmatch(name) or not name.startswith(tid):
-                return None
-            audio = self.root / name
-            size = audio.stat().st_size + stamp[1]
-        except (OSError, ValueError, KeyError, TypeError):
+            meta = load_json(sidecar)
+        except (OSError, ValueError) as e:
+            self._warn_once((tid, stamp), "ignoring unreadable sidecar %s: %s", sidecar, e)
             return None
-        return Track(tid, meta, audio, size, stamp)
+        if not _ours(meta, tid):
+            self._warn_once((tid, stamp), "ignoring %s: not a lofi track record", sidecar)
+            return None
+        audio = self.root / meta["file"]
+        ast = regular(audio)
+        if ast is None:
+            if repair and not os.path.lexists(audio):  # our own record of a file now gone
+                log.warning("removing the record of missing audio %s", audio)
+                unlink(sidecar)
+            return None
+        bad = _invalid_field(meta)
+        if bad is not None:
+            self._warn_once((tid, stamp), "ignoring sidecar %s: field %s has the wrong type", sidecar, bad)
+            return None
+        return Track(tid, meta, audio, ast.st_size + stamp[1], stamp)
+
+    def _foreign(self) -> dict:
+        """Entries of the folder that are not ours: left alone, counted here."""
+        ours = {".lock", ".staging"}
+        for t in self._index.values():
+            ours.update((t.audio.name, f"{t.track_id}.json"))
+        count = size = 0
+        try:
+            with os.scandir(self.root) as it:
+                for e in it:
+                    if e.name in ours or _TMP_SIDECAR.fullmatch(e.name) or _PROBE.fullmatch(e.name):
+                        continue
+                    count += 1
+                    try:
+                        if e.is_file(follow_symlinks=False):
+                            size += e.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+        return {"count": count, "bytes": size}
 
     def _evict(self, keep) -> list[str]:
         total = self._total()
@@ -302,52 +386,49 @@ class TrackCache:
         return gone
 
     def _remove_stale(self) -> None:
-        """Staging folders and temporary sidecars left by daemons that are gone."""
-        staging_root = self.root / ".staging"
-        if staging_root.is_dir():
-            for d in staging_root.iterdir():
-                pid = d.name.split("-", 1)[0]
-                if d != self.staging and _stale(d, pid):
-                    log.info("removing leftover staging folder %s", d)
-                    shutil.rmtree(d, ignore_errors=True)
-        for p in self.root.iterdir():
-            m = _TMP_SIDECAR.fullmatch(p.name)
-            if m and _stale(p, m.group(1)):
-                _unlink(p)
+        """Our own leftovers of daemons that are gone: staging folders named `<pid>-<8 hex>`,
+        temporary sidecars (a commit interrupted between its renames is finished from one) and
+        probes. Links are never followed; anything else is left alone."""
+        try:
+            st = os.lstat(self.staging_root)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):  # a link or a file: not ours
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+            raise OSError(f"{self.staging_root} is {kind}; remove it (lofi only uses folders it made)")
+        if st is not None:
+            with os.scandir(self.staging_root) as it:
+                for e in list(it):
+                    m = _STAGING_DIR.fullmatch(e.name)
+                    if m and e.is_dir(follow_symlinks=False) and Path(e.path) != self.staging \
+                            and stale(Path(e.path), m.group(1), STALE_STAGING_SEC):
+                        log.info("removing leftover staging folder %s", e.path)
+                        shutil.rmtree(e.path, ignore_errors=True)  # never follows links inside
+        with os.scandir(self.root) as it:
+            entries = list(it)
+        for e in entries:
+            m = _TMP_SIDECAR.fullmatch(e.name)
+            probe = _PROBE.fullmatch(e.name)
+            if not (m or probe) or not e.is_file(follow_symlinks=False):
+                continue
+            path = Path(e.path)
+            if not stale(path, (m or probe).group(2 if m else 1), STALE_STAGING_SEC):
+                continue
+            if m and self._finish_commit(m.group(1), path):
+                continue
+            unlink(path)
 
-
-def _stale(path: Path, pid: str) -> bool:
-    try:
-        if time.time() - path.stat().st_mtime > STALE_STAGING_SEC:
-            return True
-    except OSError:
-        return False
-    return not pid.isdigit() or not _alive(int(pid))
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if sys.platform == "win32":
-        import ctypes
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
-        if not handle:
+    def _finish_commit(self, tid: str, tmp: Path) -> bool:
+        """A commit cut short after its audio was moved into place: put its record in place."""
+        side = self.root / f"{tid}.json"
+        try:
+            meta = load_json(tmp)
+        except (OSError, ValueError):
             return False
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        if not _ours(meta, tid) or _invalid_field(meta) is not None or os.path.lexists(side) \
+                or regular(self.root / meta["file"]) is None:
+            return False
+        os.replace(tmp, side)
+        log.warning("finished the interrupted commit of track %s", tid)
         return True
-    return True
 
-
-def _unlink(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass

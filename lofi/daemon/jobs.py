@@ -17,12 +17,15 @@ from dataclasses import replace
 
 from lofi.errors import (MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, QUEUE_FULL, Cancelled, LofiError)
 from lofi.params import GenerateParams
+from lofi.progress import Estimator, JobClock, model_key
 from lofi.daemon import backends
+from lofi.daemon.cache import CACHE_WRITE_FAILED
 
 log = logging.getLogger("lofi.jobs")
 
 PRIORITIES = ("high", "normal")
 PROGRESS_INTERVAL = 0.25  # at most 4 progress notifications a second
+TICK_INTERVAL = 1.0  # during a long stage, the advancing percent once a second
 
 
 class Job:
@@ -104,8 +107,8 @@ class JobQueue:
                     bisect.insort(self.pending, same, key=Job.order)
                 return same, "queued", self.position(same)
             if len(self.pending) >= self.capacity:
-                wait = estimator.queue_wait(self.running, self.pending)
-                slot = estimator.remaining(self.running)
+                wait = queue_wait(estimator, self.running, self.pending)
+                slot = remaining(estimator, self.running)
                 when = ("no job has been timed yet to estimate the wait" if wait is None else
                         f"a slot frees in about {slot:.0f} s, the queue drains in about {wait:.0f} s")
                 raise LofiError(QUEUE_FULL, f"the queue is full ({len(self.pending)} of {self.capacity} "
@@ -156,88 +159,44 @@ def _round(x):
     return None if x is None else round(x, 1)
 
 
-def _nfe(p: GenerateParams) -> int:
-    return p.infer_steps * (2 if p.scheduler == "heun" else 1)
+def remaining(estimator: Estimator, job: Job | None) -> float | None:
+    """Seconds until `job` ends (0 for no job); None before anything was measured."""
+    if job is None:
+        return 0.0
+    if job.eta_sec is not None:
+        return job.eta_sec
+    total = estimator.total(job.params)
+    if total is None:
+        return None
+    elapsed = 0.0 if job.started is None else time.monotonic() - job.started
+    return max(0.0, total - elapsed)
 
 
-class Estimator:
-    """Job times from measurements: seconds per (network evaluation x audio second) for the
-    diffusion steps, seconds per audio second for decoding, and the start-up cost (loading, text
-    encoding and the first step). Each is the smallest of the last few finished jobs: a job slowed
-    once (a first run's kernel compilation, a busy machine) must not spoil the next estimates.
-    Before the first job has finished, the running job's own step time stands in."""
-
-    WINDOW = 3
-
-    def __init__(self):
-        self._seen: dict[str, list[float]] = {"overhead": [], "step_unit": [], "post_unit": []}
-        self.step_unit: float | None = None
-        self.post_unit: float | None = None
-        self.overhead: float | None = None
-        self._lock = threading.Lock()
-
-    def _add(self, name: str, value: float) -> None:
-        seen = self._seen[name]
-        seen.append(value)
-        del seen[:-self.WINDOW]
-        setattr(self, name, min(seen))
-
-    def learn(self, p: GenerateParams, pre_sec: float, step_sec: float | None, post_sec: float | None):
-        with self._lock:
-            self._add("overhead", pre_sec)
-            if step_sec is not None:
-                self._add("step_unit", step_sec * p.infer_steps / _nfe(p) / p.duration_sec)
-            if post_sec is not None:
-                self._add("post_unit", post_sec / p.duration_sec)
-
-    def total(self, p: GenerateParams, live: "ProgressTracker | None" = None) -> float | None:
-        step_unit, post_unit = self.step_unit, self.post_unit
-        if step_unit is None and live is not None and live.step_sec is not None:
-            lp = live.job.params
-            step_unit = live.step_sec * lp.infer_steps / _nfe(lp) / lp.duration_sec
-        if step_unit is None:
+def queue_wait(estimator: Estimator, running: Job | None, pending: list[Job]) -> float | None:
+    wait = remaining(estimator, running)
+    live = running.tracker.clock_of_job if running is not None and running.tracker else None
+    for j in pending:
+        t = estimator.total(j.params)
+        if t is None and live is not None:
+            t = live.total_for(j.params)
+        if wait is None or t is None:
             return None
-        post = (post_unit * p.duration_sec) if post_unit is not None else 0.0
-        timed_steps = _nfe(p) * (p.infer_steps - 1) / p.infer_steps  # the first is in the overhead
-        return (self.overhead or 0.0) + step_unit * timed_steps * p.duration_sec + post
-
-    def remaining(self, job: Job | None) -> float | None:
-        if job is None:
-            return 0.0
-        if job.eta_sec is not None:
-            return job.eta_sec
-        total = self.total(job.params, job.tracker)
-        if total is None:
-            return None
-        elapsed = 0.0 if job.started is None else time.monotonic() - job.started
-        return max(0.0, total - elapsed)
-
-    def queue_wait(self, running: Job | None, pending: list[Job]) -> float | None:
-        wait = self.remaining(running)
-        live = running.tracker if running is not None else None
-        for j in pending:
-            t = self.total(j.params, live)
-            if wait is None or t is None:
-                return None
-            wait += t
-        return wait
+        wait += t
+    return wait
 
 
 class ProgressTracker:
     """Turns the pipeline's (stage, step, total, fraction) calls into generation_progress
-    notifications: percent monotonic and at most 99, at most one every PROGRESS_INTERVAL s (a
-    held-back update is sent by `flush`, which the daemon's main loop calls), eta_sec from the
-    measured diffusion step time plus the measured (or, on a first job, extrapolated) decode time."""
+    notifications with percent and eta_sec from the clock (lofi.progress.JobClock): percent
+    monotonic and at most 99, at most one notification every PROGRESS_INTERVAL s (a held-back
+    update is sent by `flush`, which the daemon's main loop calls; during a long stage `flush`
+    also sends the advancing percent once a TICK_INTERVAL)."""
 
     def __init__(self, job: Job, estimator: Estimator, send, clock=time.monotonic):
-        self.job, self.estimator, self.send, self.clock = job, estimator, send, clock
+        self.job, self.send, self.clock = job, send, clock
+        self.clock_of_job = JobClock(estimator, job.params, clock, start=job.started)
         self.last_sent: float | None = None
         self.dirty = False
-        self.first_step: tuple[float, int, float] | None = None  # (time, step, fraction)
-        self.step_sec: float | None = None
-        self.frac_per_step: float | None = None
-        self.diffusion_start: float | None = None
-        self.diffusion_end: float | None = None
 
     def __call__(self, stage: str, step: int | None, total: int | None, fraction: float) -> None:
         now = self.clock()
@@ -250,48 +209,10 @@ class ProgressTracker:
                 job.total_steps = total
             if step is not None:
                 job.step = step
-            if stage == "diffusion":
-                self._diffusion(now, step, fraction)
-            elif self.diffusion_start is not None and self.diffusion_end is None:
-                self.diffusion_end = now
-            job.eta_sec = _round(self._eta(now, fraction))
-            job.percent = max(job.percent, min(99, int(fraction * 100)))
+            self.clock_of_job.update(stage, step, total, fraction, now)
+            job.percent, job.eta_sec = self.clock_of_job.estimate(now)
             self.dirty = True
             self._maybe_send(now)
-
-    def _diffusion(self, now, step, fraction):
-        if self.diffusion_start is None:
-            self.diffusion_start = now
-        if not step:
-            return
-        if self.first_step is None:  # step 1 also carries the network's load time: measure from it
-            self.first_step = (now, step, fraction)
-        elif step > self.first_step[1]:
-            t0, s0, f0 = self.first_step
-            self.step_sec = (now - t0) / (step - s0)
-            self.frac_per_step = (fraction - f0) / (step - s0)
-
-    def _post_sec(self) -> float | None:
-        p = self.job.params
-        if self.estimator.post_unit is not None:
-            return self.estimator.post_unit * p.duration_sec
-        if self.step_sec is not None and self.frac_per_step:
-            # nothing measured yet: give decoding the pipeline's share of the job at the step rate
-            end = (self.first_step[2] + self.frac_per_step * (self.job.total_steps - self.first_step[1]))
-            return max(0.0, 1.0 - end) * self.step_sec / self.frac_per_step
-        return None
-
-    def _eta(self, now, fraction) -> float | None:
-        job = self.job
-        post = self._post_sec()
-        if self.diffusion_end is not None:
-            return None if post is None else max(0.0, post - (now - self.diffusion_end))
-        if self.step_sec is not None and post is not None:
-            return max(0, job.total_steps - job.step) * self.step_sec + post
-        total = self.estimator.total(job.params)
-        if total is None or job.started is None:
-            return None
-        return max(0.0, total - (now - job.started))
 
     def _maybe_send(self, now) -> None:
         if self.last_sent is not None and now - self.last_sent < PROGRESS_INTERVAL:
@@ -299,20 +220,22 @@ class ProgressTracker:
         job = self.job
         self.send("generation_progress", {
             "track_id": job.track_id, "stage": job.stage, "percent": job.percent, "step": job.step,
+            "current_step": job.step,  # lofi.nvim's name for step
             "total_steps": job.total_steps, "eta_sec": job.eta_sec})
         self.last_sent, self.dirty = now, False
 
     def flush(self) -> None:
-        with self.job.lock:
-            if self.dirty and self.job.outcome is None:
-                self._maybe_send(self.clock())
-
-    def timings(self, end: float) -> tuple[float, float | None, float | None]:
-        """(seconds before the first timed step, seconds per step, seconds after diffusion)."""
-        start = self.job.started or end
-        pre = (self.first_step[0] if self.first_step else self.diffusion_start or end) - start
-        post = None if self.diffusion_end is None else end - self.diffusion_end
-        return pre, self.step_sec, post
+        job = self.job
+        with job.lock:
+            if job.outcome is not None or job.stage is None:
+                return
+            now = self.clock()
+            before = job.percent
+            job.percent, job.eta_sec = self.clock_of_job.estimate(now)
+            if job.percent != before and (self.last_sent is None or now - self.last_sent >= TICK_INTERVAL):
+                self.dirty = True
+            if self.dirty:
+                self._maybe_send(now)
 
 
 class Worker(threading.Thread):
@@ -325,6 +248,7 @@ class Worker(threading.Thread):
         self.pipeline_backend: str | None = None
         self.live: dict = {}  # engine facts for status/get_backends, refreshed on this thread
         self.release_requested = threading.Event()
+        self.model = "unknown"  # the checkpoint's identity, for the estimates' key
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -340,7 +264,7 @@ class Worker(threading.Thread):
                 self.run_job(job)
             except BaseException:  # never lose the worker; the job still ends once
                 log.exception("worker failure on %s", job.track_id)
-                self.d.finish(job, "error", {"code": MODEL_INFERENCE_FAILED,
+                self.d.finish(job, "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
                                              "message": "internal error in the worker; see the log"})
             finally:
                 q.done(job)
@@ -375,6 +299,7 @@ class Worker(threading.Thread):
             except Exception as e:
                 raise LofiError(MODEL_LOAD_FAILED, f"cannot start the engine: {type(e).__name__}: {e}") from e
             self.pipeline_backend = backend
+            self.model = backends.model_id(self.d.settings.checkpoint_dir)
         return self.pipeline
 
     def _refresh_live(self) -> None:
@@ -405,7 +330,7 @@ class Worker(threading.Thread):
             self._end(job, "cancelled", cancelled_payload(job))
             return
         d.notify("generation_start", dict(job.summary(), engine=job.engine, precision=job.precision))
-        staged = d.cache.staging_path(job.track_id, d.settings.format)
+        staged = None
 
         def progress(stage, step, total, fraction):
             tracker(stage, step, total, fraction)
@@ -413,8 +338,13 @@ class Worker(threading.Thread):
 
         failure = None  # (kind, payload) of a job that did not complete
         try:
+            staged = d.cache.staging_path(job.track_id, d.settings.format)
             pipeline = self._pipeline_for(job.backend)
             self._refresh_live()
+            eng = pipeline.engine
+            tracker.clock_of_job.key = model_key(job.backend, getattr(eng, "name", job.engine),
+                                                 getattr(eng, "device", None), getattr(eng, "precision",
+                                                 job.precision), self.model)
             info = pipeline.generate(replace(job.params), staged, fmt=d.settings.format,
                                      progress=progress, cancel=job.cancel_requested.is_set)
             end = time.monotonic()
@@ -424,12 +354,19 @@ class Worker(threading.Thread):
                 track = d.cache.commit(job.track_id, staged, sidecar(job, info, end - job.started,
                                                                         d.settings.format))
                 self._end(job, "complete", complete_payload(track, cached=False))
-            d.estimator.learn(job.params, *tracker.timings(end))
+            if tracker.clock_of_job.key is not None:
+                d.estimator.learn(tracker.clock_of_job.key, job.params.duration_sec,
+                                  tracker.clock_of_job.segments(end))
         except Cancelled:
             failure = "cancelled", cancelled_payload(job)
         except LofiError as e:
             log.warning("job %s failed: [%s] %s", job.track_id, e.code, e.message)
             failure = "error", {"track_id": job.track_id, "code": e.code, "message": e.message}
+        except OSError as e:  # writing the file: a read-only or full disk
+            log.warning("job %s failed to write: %s", job.track_id, e)
+            failure = "error", {"track_id": job.track_id, "code": CACHE_WRITE_FAILED,
+                                "message": f"cannot write the track: {e.strerror or e}; check that "
+                                f"{d.cache.root} is writable and has free space"}
         except MemoryError:
             failure = "error", {"track_id": job.track_id, "code": MODEL_INFERENCE_FAILED,
                                 "message": "out of memory while generating; try a shorter duration, "
@@ -440,8 +377,9 @@ class Worker(threading.Thread):
                                 "message": f"generation failed: {type(e).__name__}: {e}"}
         finally:
             try:
-                staged.unlink()
-            except FileNotFoundError:
+                if staged is not None:
+                    staged.unlink()
+            except OSError:  # never written, or the folder went read-only: the next start cleans
                 pass
         if failure is not None:  # free the memory first, so a status after the notice is true
             if failure[0] == "error":

@@ -17,15 +17,16 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from lofi import __version__
 from lofi.errors import (INVALID_DURATION, INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED,
                       MODEL_NOT_FOUND, QUEUE_FULL, UNKNOWN_TRACK, LofiError)
 from lofi.params import GenerateParams
+from lofi.daemon.cache import CACHE_WRITE_FAILED
 from lofi.daemon.jobs import PRIORITIES, Job, cancelled_payload, complete_payload
-from lofi.daemon.transport import MAX_LINE, Oversized
+from lofi.daemon.transport import MAX_LINE, Oversized, parse
 
 log = logging.getLogger("lofi.rpc")
 
@@ -45,6 +46,7 @@ RPC_CODES = {
     "DOWNLOAD_FAILED": -32008,
     "VERIFY_FAILED": -32009,
     "SETUP_BUSY": -32010,
+    CACHE_WRITE_FAILED: -32011,
 }
 
 
@@ -96,6 +98,14 @@ def add_plain_methods(table: dict[str, Callable[[dict], object]]) -> None:
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
+def show(v, limit: int = 60) -> str:
+    """A short JSON rendering of a client's value for an error message (never raises)."""
+    try:
+        return json.dumps(v)[:limit]
+    except (RecursionError, ValueError, TypeError):
+        return type(v).__name__
+
+
 def check_params(params: dict, spec: dict) -> dict:
     for k in params:
         if k not in spec:
@@ -109,17 +119,45 @@ def check_params(params: dict, spec: dict) -> dict:
         v = params[k]
         if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
             want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-            raise bad_param(k, f"{k} must be {want}, got {json.dumps(v)[:60]}")
+            raise bad_param(k, f"{k} must be {want}, got {show(v)}")
     return params
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check_text(params: dict) -> None:
+    """Every text in params is real Unicode: a lone UTF-16 surrogate ("\\ud800") parses in JSON
+    but cannot be tokenized, stored in a sidecar or shown by an editor. Nested values are checked
+    where a handler takes them; names and strings at the top are checked here."""
+    for k, v in params.items():
+        if _has_surrogate(k):
+            raise bad_param("params", "a parameter name contains a lone UTF-16 surrogate")
+        if isinstance(v, str) and _has_surrogate(v):
+            raise bad_param(k, f"{k} contains a lone UTF-16 surrogate (not valid Unicode text)")
 
 
 # -- the JSON-RPC envelope ---------------------------------------------------------------------
 
+MAX_MESSAGE = 500  # a message quoting a client's huge value stays readable
+
+
 def _error(rid, code: int, message: str, data: dict | None = None) -> dict:
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 1] + "…"
     err = {"code": code, "message": message}
     if data:
         err["data"] = data
     return {"jsonrpc": "2.0", "id": rid, "error": err}
+
+
+def internal_error(e: BaseException) -> dict:
+    return _error(None, INTERNAL_ERROR, f"internal error: {type(e).__name__}")
 
 
 def handle_line(daemon, line) -> tuple[object | None, list[Callable[[], None]]]:
@@ -129,9 +167,9 @@ def handle_line(daemon, line) -> tuple[object | None, list[Callable[[], None]]]:
                       f"{MAX_LINE}-byte limit; it was discarded",
                       {"size_bytes": line.size, "limit_bytes": MAX_LINE}), []
     try:
-        msg = json.loads(line.decode("utf-8"))
+        msg = parse(line)
     except (UnicodeDecodeError, ValueError) as e:
-        return _error(None, PARSE_ERROR, f"parse error: {e}"), []
+        return _error(None, PARSE_ERROR, f"parse error: {e}"[:300]), []
     call = Call()
     if isinstance(msg, list):
         if not msg:
@@ -158,11 +196,12 @@ def _handle_one(daemon, msg, call: Call) -> dict | None:
     try:
         if m is None:
             raise RpcError(METHOD_NOT_FOUND, f"unknown method {name!r}", {"methods": sorted(METHODS)})
-        if params is None:
+        if params is None or params == []:  # [] is how Lua encodes an empty table
             params = {}
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS_RPC, "params must be an object of named parameters",
                            {"code": INVALID_PARAMS, "field": "params"})
+        _check_text(params)
         if m.spec is not None:
             check_params(params, m.spec)
         result = m.fn(daemon, params, call)
@@ -171,9 +210,11 @@ def _handle_one(daemon, msg, call: Call) -> dict | None:
     except LofiError as e:
         e = RpcError.of(e)
         resp = _error(rid, e.code, e.message, e.data)
+    except RecursionError:
+        resp = _error(rid, INTERNAL_ERROR, "internal error: a value nested too deeply")
     except Exception as e:
         log.exception("method %s failed", name)
-        resp = _error(rid, INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}")
+        resp = _error(rid, INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:500])
     else:
         resp = {"jsonrpc": "2.0", "id": rid, "result": result}
     return None if is_notification else resp
@@ -185,18 +226,65 @@ _GEN_FIELDS = GenerateParams.field_names()
 _FLOAT_FIELDS = [f for f in _GEN_FIELDS if isinstance(getattr(GenerateParams, f, None), float)]
 
 
+_SCALARS = {"str": (str,), "float": (int, float), "int": (int,), "bool": (bool,),
+            "int | None": (int, type(None)), "float | None": (int, float, type(None)),
+            "str | None": (str, type(None))}
+_GEN_TYPES = {f.name: _SCALARS.get(str(f.type)) for f in fields(GenerateParams)}
+_GEN_TYPES.update(priority=(str,), backend=(str,))
+MAX_TEXT = 10_000  # longer than any accepted value; keeps error messages short
+
+
+def _check_types(params: dict) -> None:
+    """Scalar fields hold scalars of their type before any range check (so a message never
+    renders a huge or deeply nested value); fields of other types are left to validate()."""
+    for k, v in params.items():
+        types = _GEN_TYPES.get(k)
+        if types is None:
+            continue
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            names = [_TYPE_NAMES.get(t, "null") for t in types if not (t is int and float in types)]
+            if k == "duration_sec":
+                raise LofiError(INVALID_DURATION, f"duration_sec must be a number of seconds between "
+                                f"5 and 240, got {show(v)}", {"field": k})
+            raise bad_param(k, f"{k} must be {' or '.join(names)}, got {show(v)}")
+        if isinstance(v, str) and len(v) > MAX_TEXT:
+            raise bad_param(k, f"{k} is {len(v)} characters long; far more than allowed")
+
+
+# lofi.nvim's client spells some parameters its own way: accepted as the same thing
+PARAM_ALIASES = {"inference_steps": "infer_steps"}
+
+
+def _unalias(params: dict) -> dict:
+    out = dict(params)
+    for theirs, ours in PARAM_ALIASES.items():
+        if theirs in out:
+            v = out.pop(theirs)
+            if ours in out and out[ours] != v:
+                raise bad_param(theirs, f"{theirs} is another name for {ours}; they differ "
+                                f"({show(v)} and {show(out[ours])})")
+            out[ours] = v
+    seed = out.get("seed")  # Lua has only doubles: an integral float is that integer
+    if isinstance(seed, float) and seed.is_integer() and 0 <= seed < 2**64:
+        out["seed"] = int(seed)
+    return out
+
+
 @method("generate", checks_own_params=True)
 def generate(d, params: dict, call: Call) -> dict:
+    accepted = _GEN_FIELDS + ["priority", "backend"]
     for k in params:
-        if k not in _GEN_FIELDS and k not in ("priority", "backend"):
-            raise bad_param(k, f"unknown parameter {k!r} (accepted: "
-                            f"{', '.join(_GEN_FIELDS + ['priority', 'backend'])})")
+        if k not in accepted and k not in PARAM_ALIASES:
+            raise bad_param(k, f"unknown parameter {k!r} (accepted: {', '.join(accepted)}; "
+                            f"also {', '.join(PARAM_ALIASES)})")
+    params = _unalias(params)
     for k in ("prompt", "duration_sec"):
         if k not in params:
             raise bad_param(k, f"missing required parameter {k!r}")
+    _check_types(params)
     priority = params.get("priority", "normal")
     if priority not in PRIORITIES:
-        raise bad_param("priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        raise bad_param("priority", f"priority must be one of {', '.join(PRIORITIES)}, got {show(priority)}")
     backend = d.backends.check_name(params.get("backend", d.backends.current))
     if backend != "ace-step":  # the cache holds ACE-Step tracks only
         d.backends.require_ready(backend)
@@ -212,12 +300,14 @@ def generate(d, params: dict, call: Call) -> dict:
         track = d.cache.lookup(track_id, touch=True)
         if track is not None:
             call.after_send(lambda: d.notify("generation_complete", complete_payload(track, cached=True)))
-            return {"track_id": track_id, "status": "cached", "position": 0, "seed": gp.seed}
+            return {"track_id": track_id, "status": "cached", "position": 0, "seed": gp.seed,
+                    "backend": backend}
     d.backends.require_ready(backend)
     job = Job(track_id, gp, priority, backend, engine, precision, d.queue.next_seq())
     job, status, position = d.queue.submit(job, d.estimator)
     call.after_send(job.announced.set)
-    return {"track_id": track_id, "status": status, "position": position, "seed": gp.seed}
+    return {"track_id": track_id, "status": status, "position": position, "seed": gp.seed,
+            "backend": job.backend}
 
 
 @method("cancel", {"track_id": ((str,), False)})
@@ -228,7 +318,8 @@ def cancel(d, params: dict, call: Call) -> dict:
     if job is None:
         if tid is None or d.cache.lookup(tid) is not None:  # nothing running / already finished
             return {"track_id": tid, "cancelled": False, "was_running": False}
-        raise LofiError(UNKNOWN_TRACK, f"no queued, running or cached track {tid}", {"track_id": tid})
+        raise LofiError(UNKNOWN_TRACK, f"no queued, running or cached track {show(tid)}",
+                        {"track_id": tid[:100]})
     with job.lock:
         if job.outcome is not None:
             return {"track_id": job.track_id, "cancelled": False, "was_running": False}
@@ -286,7 +377,8 @@ def _process_memory() -> dict:
 def get_backends(d, params: dict, call: Call) -> dict:
     from lofi.settings import BACKENDS
     live = d.worker.live if d.worker.pipeline_backend else None
-    return {"current": d.backends.current,
+    from lofi.daemon.backends import NVIM_NAMES
+    return {"current": d.backends.current, "default_backend": NVIM_NAMES[d.backends.current],
             "backends": [d.backends.describe(n, live if n == d.worker.pipeline_backend else None)
                          for n in BACKENDS]}
 
@@ -314,7 +406,7 @@ def cache_delete(d, params: dict, call: Call) -> dict:
     tid = params["track_id"]
     freed = d.cache.delete(tid)
     if freed is None:
-        raise LofiError(UNKNOWN_TRACK, f"no cached track {tid}", {"track_id": tid})
+        raise LofiError(UNKNOWN_TRACK, f"no cached track {show(tid)}", {"track_id": tid[:100]})
     return {"track_id": tid, "deleted": True, "bytes_freed": freed}
 
 

@@ -16,8 +16,9 @@ import time
 
 from lofi.daemon.backends import Backends
 from lofi.daemon.cache import TrackCache
-from lofi.daemon.jobs import Estimator, Job, JobQueue, Worker, cancelled_payload
-from lofi.daemon.methods import handle_line
+from lofi.daemon.jobs import Job, JobQueue, Worker, cancelled_payload
+from lofi.progress import Estimator
+from lofi.daemon.methods import handle_line, internal_error
 from lofi.daemon.transport import Writer, read_lines
 
 log = logging.getLogger("lofi.daemon")
@@ -35,7 +36,7 @@ class Daemon:
         self.backends = Backends(settings)
         self.cache = TrackCache(settings.tracks_dir, settings.cache_size)
         self.queue = JobQueue(settings.queue_size)
-        self.estimator = Estimator()
+        self.estimator = Estimator(settings.home)
         self.worker = Worker(self)
         self.stop_reason: str | None = None
         self.on_stop: list = []  # callables run at shutdown
@@ -64,7 +65,8 @@ class Daemon:
     # -- the process --------------------------------------------------------------------------
     def serve(self) -> int:
         """Run until told to stop; returns the exit status. Call from the main thread."""
-        self.cache.open()
+        if not self.cache.opened:
+            self.cache.open()
         self.worker.start()
         threading.Thread(target=self._read_loop, name="lofi-reader", daemon=True).start()
         parent = os.getppid()
@@ -79,18 +81,32 @@ class Daemon:
         return self._shutdown()
 
     def _read_loop(self) -> None:
-        for line in read_lines(self.in_fd):
-            if self._stop.is_set():
-                return
+        try:
+            for line in read_lines(self.in_fd):
+                if self._stop.is_set():
+                    return
+                self._answer(line)
+                if self.writer.closed:
+                    self.request_stop("stdout closed")
+                    return
+        finally:  # whatever happened, a reader that is gone means nobody can talk to us
+            self.request_stop("stdin closed")
+
+    def _answer(self, line) -> None:
+        """One request line; no failure here may end the reader (a deaf daemon is worse than
+        one internal error)."""
+        try:
             response, deferred = handle_line(self, line)
-            if response is not None:
-                self.writer.send(response)
-            for fn in deferred:
+        except BaseException as e:  # noqa: RecursionError, MemoryError, a bug
+            log.exception("request handling failed")
+            response, deferred = internal_error(e), []
+        if response is not None:
+            self.writer.send(response)
+        for fn in deferred:
+            try:
                 fn()
-            if self.writer.closed:
-                self.request_stop("stdout closed")
-                return
-        self.request_stop("stdin closed")
+            except Exception:
+                log.exception("after-response action failed")
 
     def _shutdown(self) -> int:
         t0 = time.monotonic()

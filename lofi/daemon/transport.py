@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -70,12 +71,43 @@ def read_lines(fd: int, max_line: int = MAX_LINE) -> Iterator[bytes | Oversized]
                 buf.clear()
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def encode(obj) -> bytes:
+    """One JSON line, always valid UTF-8: a lone UTF-16 surrogate (legal in a Python str, e.g.
+    from a request's "\\ud800") becomes U+FFFD, a NaN/Inf float null. Raises only for what is
+    not JSON at all (RecursionError, TypeError), which Writer.send turns into an error line."""
     try:
         text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except ValueError:  # a NaN/Inf float somewhere: JSON has no spelling for it
         text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"))
-    return text.encode("utf-8") + b"\n"
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = _SURROGATE.sub("\ufffd", text).encode("utf-8")
+    return data + b"\n"
+
+
+def parse(data: bytes):
+    """Strict JSON: UTF-8 only, no NaN/Infinity (nor numbers that overflow to them), and a
+    nesting too deep for the parser is a ValueError like any other malformed line."""
+    text = data.decode("utf-8")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return v
 
 
 def _finite(obj):
@@ -88,6 +120,17 @@ def _finite(obj):
     return obj
 
 
+def _unencodable(obj, e: Exception) -> dict:
+    """What is sent instead of a message that cannot be JSON: for a response, an error with its
+    id (when the id itself is JSON); for a notification, nothing of its content."""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if not isinstance(rid, (str, int, float)) or isinstance(rid, bool):
+        rid = None
+    err = {"code": -32603, "message": f"internal error: the result could not be encoded as JSON "
+                                       f"({type(e).__name__})"}
+    return {"jsonrpc": "2.0", "id": rid, "error": err}
+
+
 class Writer:
     """Serialises whole lines from any thread. After the peer goes away every send is a no-op."""
 
@@ -97,7 +140,10 @@ class Writer:
         self._lock = threading.Lock()
 
     def send(self, obj) -> bool:
-        data = encode(obj)
+        try:
+            data = encode(obj)
+        except Exception as e:  # never let one message make the daemon deaf
+            data = encode(_unencodable(obj, e))
         with self._lock:
             if self.closed:
                 return False
