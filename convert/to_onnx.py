@@ -138,8 +138,43 @@ def export_graph(name: str, module, precision: str, out_dir: Path, opset: int = 
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
-    return {"file": path.name, "external_data": f"{name}.onnx.data" if external else None,
+    spec = {"file": path.name, "external_data": f"{name}.onnx.data" if external else None,
             "inputs": list(inputs), "outputs": list(outputs), "weight_bytes": weight_bytes}
+    if name in ("dit_encode", "dit_decode"):
+        spec["weights"] = weight_map(module, model)
+    return spec
+
+
+def weight_map(module, model) -> dict:
+    """{checkpoint name of a 2-D weight: {"init": its ONNX initializer, "transposed": bool}}.
+
+    Constant folding leaves Linear weights as anonymous, transposed MatMul initializers; matching
+    them by value lets the engine feed LoRA-merged weights in place (SessionOptions.add_initializer)
+    without exporting again."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    def key(a):
+        a = np.ascontiguousarray(a)
+        return a.shape, a.dtype.str, hashlib.sha256(a.tobytes()).hexdigest()
+
+    index = {}
+    for t in model.graph.initializer:
+        if len(t.dims) == 2:
+            index.setdefault(key(numpy_helper.to_array(t)), []).append(t.name)
+    out = {}
+    for pname, p in module.named_parameters():
+        if p.ndim != 2 or not pname.endswith(".weight"):
+            continue
+        w = p.detach().cpu().numpy()
+        for transposed, cand in ((True, w.T), (False, w)):
+            names = index.get(key(cand), [])
+            if len(names) == 1:  # ambiguous (equal tensors) or absent: not addressable
+                out[pname.split(".", 1)[1] if pname.startswith("dit.") else pname] = {
+                    "init": names[0], "transposed": transposed}
+                break
+    return out
 
 
 def _dims(checkpoint) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 from lofi.checkpoint import COMPONENTS, component_dir, weight_files
 from lofi.errors import MODEL_LOAD_FAILED, LofiError
 
-FORMAT = 1
+FORMAT = 2  # 2: dit graphs carry a weight map (LoRA)
 MANIFEST = "manifest.json"
 
 # graph name -> (ordered input names, output names). The engine and the exporter share these.
