@@ -120,7 +120,8 @@ def task_latents(pipe, params: GenerateParams, text, text_null, mask, sp, noise_
     eng = pipe.engine
     lyric_ids = np.zeros((1, 1), np.int64)
     lyric_mask = np.zeros((1, 1), np.int64)
-    retake = SeededNoise(params.retake_seed)
+    retake = SeededNoise(params.retake_seed) if params.task in ("retake", "repaint", "extend") \
+        else None
     if params.task == "retake":
         from lofi.audio import frames_for_duration
         shape = (1, 8, 16, frames_for_duration(params.duration_sec))
