@@ -45,16 +45,19 @@ def _source_info(path: Path) -> tuple[int, int, int]:
 
 def resolve(params: GenerateParams, tracks_dir: Path | None = None,
             lora_root: Path | None = None) -> GenerateParams:
-    """Check what needs the source file and fix duration_sec and the content hashes."""
+    """Check what needs the source file and fix duration_sec and the content hashes. The source
+    and the LoRA become absolute file paths, so a queued job no longer needs the folders."""
     from lofi.acestep.lora import resolve_lora
     from lofi.acestep.source import file_hash, resolve as resolve_path
     params.validate()
     if params.lora is not None:
-        params.lora_sha256 = resolve_lora(params.lora, lora_root).sha256
+        ref = resolve_lora(params.lora, lora_root)
+        params.lora, params.lora_sha256 = str(ref.path.resolve()), ref.sha256
     if params.src_audio is None:
         return params
     path = resolve_path(params.src_audio, tracks_dir)
     frames, sr, _ = _source_info(path)
+    params.src_audio = str(path.resolve())
     seconds = frames / sr
     if seconds > MAX_DURATION:
         _bad("src_audio", f"the source is {seconds:.1f} s; at most {MAX_DURATION:g} s are supported")
