@@ -402,6 +402,8 @@ def run(golden_dir: str | Path, engine, out=sys.stdout, only: list[str] | None =
             checker(ctx, stem, entry, load_safetensors(golden_dir / fname), rep)
         except Exception as ex:  # a crash in one golden must not hide the others
             rep.fail(stem, f"{type(ex).__name__}: {ex}")
+    if getattr(engine, "set_lora", None) is not None:
+        engine.set_lora(None)  # leave the engine as it came
     return rep
 
 

@@ -298,3 +298,17 @@ def test_engine_runs_without_mlx(engine, tmp_path):
                        cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok onnx cpu []" in r.stdout
+
+
+def test_verify_modes_fp32_passes_on_cpu(engine):
+    # every audio-input mode group and LoRA (fed as merged initializers) on the ONNX engine
+    from lofi_cuda.verify import run
+    out = io.StringIO()
+    rep = run(GOLDEN.parent / "ace_step_tiny_modes", engine, out=out)
+    text = out.getvalue()
+    assert rep.passed, "\n" + "\n".join(x for x in text.splitlines() if x.startswith("FAIL"))
+    assert {d[0] for d in rep.deviations} == {"extend_left_ge_right", "extend_left_right"}
+    names = {r[0].split(":")[0] for r in rep.rows}
+    assert {"repaint", "extend_right", "audio2audio_heun", "edit_remix_pingpong_navg2",
+            "lora_forward", "lora_text2music_w0.5", "source_audio"} <= names
+    engine.set_lora(None)
