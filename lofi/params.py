@@ -15,12 +15,14 @@ CFG_TYPES = ("apg", "cfg", "cfg_star")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: bf16 on GPUs, fp32 on CPUs
 FORMATS = ("wav", "flac")
 SAMPLE_RATE = 48000
+TASKS = ("text2music", "retake", "repaint", "extend", "audio2audio", "edit")
+SOURCE_TASKS = ("repaint", "extend", "audio2audio", "edit")
 
 
 @dataclass
 class GenerateParams:
     prompt: str
-    duration_sec: float
+    duration_sec: float | None = None  # source tasks: set from the source by resolve_source
     infer_steps: int = 27
     guidance_scale: float = 15.0
     scheduler: str = "euler"
@@ -35,6 +37,24 @@ class GenerateParams:
     use_erg_diffusion: bool = True
     # "[inst]": the reference UI's instrumental tag (its empty lyrics tend to give vocals)
     lyrics: str = "[inst]"
+    # audio-input modes (spec §12); see lofi.acestep.tasks
+    task: str = "text2music"
+    src_audio: str | None = None         # file path or cached track id (source tasks)
+    retake_seed: int | None = None       # retake/repaint/extend: the second noise
+    retake_variance: float = 0.5
+    start_sec: float | None = None       # repaint window
+    end_sec: float | None = None
+    left_sec: float = 0.0                # extend
+    right_sec: float = 0.0
+    strength: float = 0.5                # audio2audio: how much of the source is kept
+    target_prompt: str | None = None     # edit
+    edit_n_min: float = 0.0
+    edit_n_max: float = 1.0
+    edit_n_avg: int = 1
+    lora: str | None = None              # name under $LOFI_HOME/lora/ or a folder
+    lora_weight: float = 1.0
+    src_sha256: str | None = None        # set by resolve_source (cache key), never by callers
+    lora_sha256: str | None = None       # set by resolve_lora
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -48,10 +68,24 @@ class GenerateParams:
             bad("prompt", "must be a non-empty string (1-1000 characters)")
         if len(self.prompt) > 1000:
             bad("prompt", f"is {len(self.prompt)} characters; at most 1000 are allowed")
+        if self.task not in TASKS:
+            bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         d = self.duration_sec
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (MIN_DURATION <= d <= MAX_DURATION):
+        if self.task in SOURCE_TASKS:
+            _source_fields(self, bad)
+        elif isinstance(d, bool) or not isinstance(d, (int, float)) or not (MIN_DURATION <= d <= MAX_DURATION):
             raise LofiError(INVALID_DURATION, f"duration_sec must be between {MIN_DURATION:g} and "
                             f"{MAX_DURATION:g} seconds, got {d!r}", {"field": "duration_sec"})
+        elif self.src_audio is not None:
+            bad("src_audio", f"does not apply to task {self.task} (use repaint, extend, "
+                "audio2audio or edit)")
+        if self.retake_seed is not None and (isinstance(self.retake_seed, bool) or not isinstance(
+                self.retake_seed, int) or not 0 <= self.retake_seed < 2**32):
+            bad("retake_seed", f"must be an integer from 0 to {2**32 - 1} or null")
+        _num(self.retake_variance, "retake_variance", 0.0, 1.0, bad)
+        _num(self.lora_weight, "lora_weight", -4.0, 4.0, bad)
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip()):
+            bad("lora", "must be an adapter name, a folder, or null")
         if isinstance(self.infer_steps, bool) or not isinstance(self.infer_steps, int) \
                 or not 1 <= self.infer_steps <= 200:
             bad("infer_steps", f"must be an integer from 1 to 200, got {self.infer_steps!r}")
@@ -82,10 +116,49 @@ class GenerateParams:
         """Hash of everything that changes the audio (the seed must be set)."""
         key = dict(self.to_dict(), engine=engine, precision=precision, model=MODEL_VERSION)
         for f in fields(self):  # 15 and 15.0 are the same request
-            if f.type in ("float", float) and not isinstance(key[f.name], bool):
+            if "float" in str(f.type) and isinstance(key[f.name], int) \
+                    and not isinstance(key[f.name], bool):
                 key[f.name] = float(key[f.name])
+        if self.src_audio is not None:  # the content, not the path, makes the track
+            key["src_audio"] = None
+            key.pop("src_sha256")
+            key["source"] = self.src_sha256
+        if self.lora is not None:
+            key["lora"] = self.lora_sha256
         blob = json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _source_fields(p: GenerateParams, bad) -> None:
+    """Source tasks: what can be checked without reading the file (resolve_source does the rest)."""
+    if not isinstance(p.src_audio, str) or not p.src_audio.strip():
+        bad("src_audio", f"task {p.task} needs a source: a file path or a cached track id")
+    if p.task == "repaint":
+        for f in ("start_sec", "end_sec"):
+            _num(getattr(p, f), f, 0.0, MAX_DURATION, bad)
+        if p.end_sec <= p.start_sec:
+            bad("end_sec", f"must be after start_sec ({p.start_sec} s), got {p.end_sec} s")
+    elif p.task == "extend":
+        _num(p.left_sec, "left_sec", 0.0, MAX_DURATION, bad)
+        _num(p.right_sec, "right_sec", 0.0, MAX_DURATION, bad)
+        if p.left_sec + p.right_sec <= 0:
+            bad("right_sec", "extend needs left_sec and/or right_sec above 0")
+    elif p.task == "audio2audio":
+        _num(p.strength, "strength", 0.0, 1.0, bad)
+        if not 0.0 < p.strength < 1.0 or int((1.0 - p.strength) * p.infer_steps) < 1:
+            bad("strength", f"leaves no diffusion step at {p.infer_steps} steps: use a strength "
+                "in (0, 1) with at least one step of (1 - strength) * infer_steps")
+    elif p.task == "edit":
+        if not isinstance(p.target_prompt, str) or not p.target_prompt.strip() \
+                or len(p.target_prompt) > 1000:
+            bad("target_prompt", "edit needs a target prompt of 1-1000 characters")
+        _num(p.edit_n_min, "edit_n_min", 0.0, 1.0, bad)
+        _num(p.edit_n_max, "edit_n_max", 0.0, 1.0, bad)
+        if p.edit_n_max < p.edit_n_min:
+            bad("edit_n_max", "must not be below edit_n_min")
+        if isinstance(p.edit_n_avg, bool) or not isinstance(p.edit_n_avg, int) \
+                or not 1 <= p.edit_n_avg <= 16:
+            bad("edit_n_avg", "must be an integer from 1 to 16")
 
 
 def _num(v, field, lo, hi, bad):

@@ -90,6 +90,8 @@ class ONNXEngine:
         self._device_cache: OrderedDict = OrderedDict()  # CUDA: constant inputs kept on the GPU
         self._lock = threading.RLock()
         self.load_times: dict[str, float] = {}  # seconds creating sessions, per stage (benchmarks)
+        self._lora = None        # (path, weight) of the adapter fed to the DiT graphs, or None
+        self._lora_delta = None
 
     # -- graphs and sessions ---------------------------------------------------------------
     def graph_dir(self) -> Path:
@@ -120,7 +122,10 @@ class ONNXEngine:
                                      "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
             t0 = time.perf_counter()
             try:
-                sess = self.ort.InferenceSession(str(path), sess_options=self._options(), providers=providers)
+                so = self._options()
+                keep = self._lora_initializers(graph, so)  # alive as long as the session
+                sess = self.ort.InferenceSession(str(path), sess_options=so, providers=providers)
+                sess._lofi_lora_values = keep
             except MemoryError as e:
                 raise LofiError(MODEL_LOAD_FAILED, f"out of memory loading {graph}") from e
             except Exception as e:  # a damaged graph or a provider failure surfaces as anything
@@ -134,6 +139,48 @@ class ONNXEngine:
             if stage not in self._stages:
                 self._stages.append(stage)
             return sess
+
+    # -- LoRA ------------------------------------------------------------------------------
+    def set_lora(self, path, weight: float = 1.0) -> None:
+        """Feed the DiT graphs W + lora_weight * B @ A for the adapter's targets (None: the
+        exported weights). Open DiT sessions are closed so the next call rebuilds them."""
+        from lofi.acestep.lora import deltas, load_adapter
+        key = None if path is None else (str(path), float(weight))
+        with self._lock:
+            if key == self._lora:
+                return
+            delta = None if key is None else deltas(load_adapter(path), weight)
+            if delta is not None:
+                self._lora_check(delta)
+            self._lora, self._lora_delta = key, delta
+            self.release("transformer")
+
+    def _lora_check(self, delta) -> None:
+        from lofi.acestep.lora import check_targets
+        m = G.read_manifest(self.graph_dir()) or {}
+        mapped = {}
+        for g in ("dit_encode", "dit_decode"):
+            mapped.update(m.get("graphs", {}).get(g, {}).get("weights", {}))
+        _, raw = _dit_weights(self.checkpoint)
+        check_targets(delta, {k: raw[k].shape for k in mapped if k in raw})
+
+    def _lora_initializers(self, graph: str, so) -> list:
+        if self._lora_delta is None or graph not in ("dit_encode", "dit_decode"):
+            return []
+        spec = G.read_manifest(self.graph_dir())["graphs"][graph].get("weights", {})
+        _, raw = _dit_weights(self.checkpoint)
+        dtype = np.float16 if self.precision == "fp16" else np.float32
+        keep = []
+        for name, d in self._lora_delta.items():
+            if name not in spec:
+                continue  # a weight of the other DiT graph
+            w = (raw[name].astype(np.float32) + d).astype(dtype)
+            if spec[name]["transposed"]:
+                w = w.T
+            val = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w))
+            so.add_initializer(spec[name]["init"], val)
+            keep.append(val)
+        return keep
 
     def release(self, stage: str | None = None) -> None:
         with self._lock:
@@ -309,3 +356,8 @@ class ONNXEngine:
         mel = self._f32(mel)
         return np.concatenate([self._run("dcae_encoder", "dcae_encode", {"mel": mel[i:i + 1]},
                                          "DCAE encoder")[0] for i in range(mel.shape[0])])
+
+
+def _dit_weights(checkpoint: Path):
+    from lofi.checkpoint import load_component
+    return load_component(checkpoint, "transformer")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lofi.checkpoint import COMPONENTS, component_dir, weight_files
 
-FORMAT = 1
+FORMAT = 2  # 2: dit graphs carry a weight map (LoRA)
 MANIFEST = "manifest.json"
 
 # graph name -> (ordered input names, output names). The engine and the exporter share these.

@@ -51,6 +51,8 @@ class MLXEngine:
         self.load_times: dict[str, float] = {}  # seconds spent loading, per stage (benchmarks)
         self.weight_bytes: dict[str, int] = {}  # size of each network's weights once loaded
         self._lock = threading.RLock()
+        self._lora = None       # (path, weight) of the adapter merged into the DiT, or None
+        self._lora_delta = None
 
     # -- memory policy ---------------------------------------------------------------------
     def load(self, stage: str) -> None:
@@ -62,11 +64,49 @@ class MLXEngine:
             if stage not in self._models:
                 t0 = time.perf_counter()
                 self._models[stage] = self._load(stage)
+                if stage == "transformer" and self._lora_delta is not None:
+                    self._merge(self._models[stage], self._lora_delta, +1)
                 self.load_times[stage] = self.load_times.get(stage, 0.0) + time.perf_counter() - t0
                 from mlx.utils import tree_flatten
                 self.weight_bytes[stage] = sum(
                     v.nbytes for _, v in tree_flatten(self._models[stage].parameters()))
             return self._models[stage]
+
+    # -- LoRA ------------------------------------------------------------------------------
+    def set_lora(self, path, weight: float = 1.0) -> None:
+        """Merge a PEFT adapter into the DiT at lora_weight (None: none). A resident DiT gets
+        the previous delta taken out and the new one merged; a later load merges on load."""
+        from lofi.acestep.lora import deltas, load_adapter
+        key = None if path is None else (str(path), float(weight))
+        with self._lock:
+            if key == self._lora:
+                return
+            new = None if key is None else deltas(load_adapter(path), weight)
+            model = self._models.get("transformer")
+            if model is not None:
+                if new is not None:
+                    self._check(model, new)
+                if self._lora_delta is not None:
+                    self._merge(model, self._lora_delta, -1)
+                if new is not None:
+                    self._merge(model, new, +1)
+            self._lora, self._lora_delta = key, new
+
+    @staticmethod
+    def _check(model, delta) -> None:
+        from mlx.utils import tree_flatten
+        from lofi.acestep.lora import check_targets
+        check_targets(delta, {k: v.shape for k, v in tree_flatten(model.parameters())})
+
+    def _merge(self, model, delta, sign: int) -> None:
+        # W +/- delta computed in fp32 then cast; unmerging restores W to rounding (~1 ulp)
+        from mlx.utils import tree_flatten, tree_unflatten
+        self._check(model, delta)
+        params = dict(tree_flatten(model.parameters()))
+        upd = [(k, (params[k].astype(mx.float32) + sign * mx.array(d)).astype(params[k].dtype))
+               for k, d in delta.items()]
+        model.update(tree_unflatten(upd))
+        mx.eval(model.parameters())
 
     _COMPONENT = {"text_encoder": ("text_encoder", None), "transformer": ("transformer", None),
                   "dcae": ("dcae", ("decoder",)), "dcae_encoder": ("dcae", ("encoder",)),

@@ -23,6 +23,7 @@ CASES = [
     "e2e_cancel",
     "e2e_playback",
     "e2e_commands",
+    "e2e_mode_commands",
     "e2e_checkhealth",
     "e2e_restart_after_kill",
     "e2e_split_reads",

@@ -25,6 +25,7 @@ CASES = [
     "crash_loop_gives_up",
     "events_subscribe",
     "commands_parse",
+    "commands_parse_modes",
     "commands_complete",
     "ui_concurrent_jobs_and_fidget",
     "help_tags",

@@ -399,3 +399,15 @@ def test_build_is_strict_about_the_checkpoint(ckpt_copy, tmp_path):
             build_all(ckpt_copy, out, "fp32", log=lambda *a: None)
         assert e.value.code == MODEL_LOAD_FAILED and key in e.value.message, e.value.message
         assert not out.exists() and list(out.parent.iterdir()) == []
+def test_verify_modes_fp32_passes_on_cpu(engine):
+    # every audio-input mode group and LoRA (fed as merged initializers) on the ONNX engine
+    from lofi_cuda.verify import run
+    out = io.StringIO()
+    rep = run(GOLDEN.parent / "ace_step_tiny_modes", engine, out=out)
+    text = out.getvalue()
+    assert rep.passed, "\n" + "\n".join(x for x in text.splitlines() if x.startswith("FAIL"))
+    assert {d[0] for d in rep.deviations} == {"extend_left_ge_right", "extend_left_right"}
+    names = {r[0].split(":")[0] for r in rep.rows}
+    assert {"repaint", "extend_right", "audio2audio_heun", "edit_remix_pingpong_navg2",
+            "lora_forward", "lora_text2music_w0.5", "source_audio"} <= names
+    engine.set_lora(None)

@@ -44,9 +44,12 @@ def sampler_params(p: GenerateParams):
 
 
 class Pipeline:
-    def __init__(self, checkpoint: str | Path, engine: Engine):
+    def __init__(self, checkpoint: str | Path, engine: Engine, tracks_dir: Path | None = None,
+                 lora_root: Path | None = None):
         self.checkpoint = Path(checkpoint)
         self.engine = engine
+        self.tracks_dir = tracks_dir    # where a source given as a track id is found
+        self.lora_root = lora_root      # where a LoRA given by name is found
         self._tokenizer = None
 
     def tokenizer(self):
@@ -65,7 +68,14 @@ class Pipeline:
     def latents(self, params: GenerateParams, noise_source=None, progress: Progress | None = None,
                 cancel: Callable[[], bool] | None = None, frames: int | None = None) -> np.ndarray:
         """Text encoding and sampling; returns the final latents [1, 8, 16, T]."""
+        return self.task_latents(params, noise_source, progress, cancel, frames).latents
+
+    def task_latents(self, params: GenerateParams, noise_source=None,
+                     progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+                     frames: int | None = None):
+        """latents() for every task, with what the decoded audio must lose at its start."""
         from lofi.audio import frames_for_duration
+        from lofi.acestep.tasks import TaskResult, task_latents
         from lofi.acestep.sampler.loop import build_conditions, sample
         from lofi.acestep.sampler.noise import SeededNoise
         from lofi.acestep.text import lyric_tokens
@@ -88,20 +98,24 @@ class Pipeline:
         sp = sampler_params(params)
         if noise_source is None:
             noise_source = SeededNoise(params.seed)
-        frames = frames or frames_for_duration(params.duration_sec)
-        x0 = noise_source.randn((1, 8, 16, frames))
-        lyric_ids, lyric_mask = lyric_tokens(params.lyrics)
         report("diffusion", 0, None, stage_fraction("diffusion", 0.0))
+
+        def on_step(i, total, info=None):
+            report("diffusion", i + 1, total, stage_fraction("diffusion", (i + 1) / total))
+
         try:
+            _apply_lora(eng, params, self.lora_root)
+            if params.task != "text2music":
+                return task_latents(self, params, text, text_null, mask, sp, noise_source,
+                                    self.tracks_dir, on_step, cancel)
+            frames = frames or frames_for_duration(params.duration_sec)
+            x0 = noise_source.randn((1, 8, 16, frames))
+            lyric_ids, lyric_mask = lyric_tokens(params.lyrics)
             conds = build_conditions(eng, text, text_null, mask, lyric_ids, lyric_mask, sp)
-
-            def on_step(i, total, info=None):
-                report("diffusion", i + 1, total, stage_fraction("diffusion", (i + 1) / total))
-
             lat = sample(eng, conds, x0, sp, noise_source, on_step=on_step, should_cancel=cancel)
         finally:
             _end(eng, "transformer")
-        return lat
+        return TaskResult(lat)
 
     def audio_44k(self, latents: np.ndarray, progress: Progress | None = None,
                   cancel: Callable[[], bool] | None = None) -> np.ndarray:
@@ -130,17 +144,22 @@ class Pipeline:
         from lofi.audio import finalize, resample, write_audio
         from lofi.acestep.sampler.noise import random_seed
 
+        from lofi.acestep.tasks import resolve
+
         params.validate()
+        resolve(params, self.tracks_dir, self.lora_root)  # source length, window, content hashes
         if getattr(self.engine, "native_dir", None) is None:  # (synthetic benchmark weights)
             check_model(self.checkpoint, self.engine.name, self.engine.precision)
         if params.seed is None:
             params.seed = random_seed()
+        if params.retake_seed is None and params.task in ("retake", "repaint", "extend"):
+            params.retake_seed = random_seed()
         t0 = time.perf_counter()
         timings = {}
-        lat = self.latents(params, noise_source, progress, cancel)
+        res = self.task_latents(params, noise_source, progress, cancel)
         timings["sampling_sec"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        wave = self.audio_44k(lat, progress, cancel)
+        wave = self.audio_44k(res.latents, progress, cancel)[:, res.crop_start_44k:]
         timings["decode_sec"] = time.perf_counter() - t1
         if cancel is not None and cancel():
             raise Cancelled()
@@ -160,6 +179,7 @@ class Pipeline:
             "path": str(out_path), "duration_sec": seconds,
             "sample_rate": SAMPLE_RATE, "channels": channels, "seed": params.seed,
             "generation_time_sec": round(total, 3), "timings": timings,
+            "retake_seed": params.retake_seed, "task": params.task,
             "model_version": MODEL_VERSION, "engine": self.engine.name,
             "device": self.engine.device, "precision": self.engine.precision,
             "params": params.to_dict(),
@@ -173,6 +193,21 @@ def check_model(root: str | Path, engine: str = "mlx", precision: str = "fp32") 
     if engine in ENGINES and setup_hooks(engine).model_ready(root, precision):
         return Path(root)
     return check_checkpoint(root)
+
+
+def _apply_lora(engine, params: GenerateParams, lora_root: Path | None) -> None:
+    """Merge the request's LoRA into the DiT (or take a previous one out) before sampling."""
+    setter = getattr(engine, "set_lora", None)
+    if params.lora is None:
+        if setter is not None:
+            setter(None, 1.0)
+        return
+    if setter is None:
+        from lofi.errors import INVALID_PARAMS, LofiError
+        raise LofiError(INVALID_PARAMS, f"the {engine.name} engine cannot apply a LoRA",
+                        {"field": "lora"})
+    from lofi.acestep.lora import resolve_lora
+    setter(resolve_lora(params.lora, lora_root).path, params.lora_weight)
 
 
 def _end(engine, stage: str) -> None:

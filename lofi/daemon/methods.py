@@ -23,7 +23,8 @@ from typing import Callable
 from lofi import __version__
 from lofi.errors import (INVALID_DURATION, INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED,
                       MODEL_NOT_FOUND, QUEUE_FULL, UNKNOWN_TRACK, LofiError)
-from lofi.params import GenerateParams
+from lofi.acestep.tasks import resolve as resolve_task
+from lofi.params import SOURCE_TASKS, GenerateParams
 from lofi.daemon.cache import CACHE_WRITE_FAILED
 from lofi.daemon.jobs import PRIORITIES, Job, cancelled_payload, complete_payload
 from lofi.daemon.transport import MAX_LINE, Oversized, parse
@@ -222,7 +223,7 @@ def _handle_one(daemon, msg, call: Call) -> dict | None:
 
 # -- methods -----------------------------------------------------------------------------------
 
-_GEN_FIELDS = GenerateParams.field_names()
+_GEN_FIELDS = [f for f in GenerateParams.field_names() if not f.endswith("_sha256")]  # ours
 _FLOAT_FIELDS = [f for f in _GEN_FIELDS if isinstance(getattr(GenerateParams, f, None), float)]
 
 
@@ -278,8 +279,8 @@ def generate(d, params: dict, call: Call) -> dict:
             raise bad_param(k, f"unknown parameter {k!r} (accepted: {', '.join(accepted)}; "
                             f"also {', '.join(PARAM_ALIASES)})")
     params = _unalias(params)
-    for k in ("prompt", "duration_sec"):
-        if k not in params:
+    for k in ("prompt", "duration_sec"):  # source tasks take their length from the source
+        if k not in params and not (k == "duration_sec" and params.get("task") in SOURCE_TASKS):
             raise bad_param(k, f"missing required parameter {k!r}")
     _check_types(params)
     priority = params.get("priority", "normal")
@@ -288,7 +289,10 @@ def generate(d, params: dict, call: Call) -> dict:
     backend = d.backends.check_name(params.get("backend", d.backends.current))
     if backend != "ace-step":  # the cache holds ACE-Step tracks only
         d.backends.require_ready(backend)
+    if params.get("task") in SOURCE_TASKS:
+        params = dict(params, duration_sec=None)  # the source fixes the length
     gp = GenerateParams(**{k: params[k] for k in _GEN_FIELDS if k in params}).validate()
+    resolve_task(gp, d.cache.root, d.settings.home / "lora")  # source file, window, LoRA
     for k in _FLOAT_FIELDS + ["duration_sec"]:  # 15 and 15.0 are the same track
         setattr(gp, k, float(getattr(gp, k)))
     explicit_seed = gp.seed is not None

@@ -32,6 +32,7 @@ class Builder:
 
     def linear(self, x: Value, key: str, cin: int, cout: int, bias: bool = True) -> Value:
         w = self.p(key + ".weight", None, self.w.get(key + ".weight", (cout, cin)).T)
+        self.g.weight_map[key + ".weight"] = {"init": w.name, "transposed": True}
         return self.g.linear(x, w, self.p(key + ".bias", (cout,)) if bias else None)
 
     def rms_norm(self, x: Value) -> Value:

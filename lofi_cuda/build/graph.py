@@ -66,6 +66,8 @@ class Graph:
     def __init__(self, name: str, folder: Path, dtype: int = F32):
         self.name, self.folder, self.dtype = name, Path(folder), dtype
         self.nodes, self.inputs, self.outputs, self.inits = [], [], [], []
+        # checkpoint weight name -> its initializer, so the engine can feed LoRA-merged weights
+        self.weight_map: dict[str, dict] = {}
         self._n = 0
         self._consts: dict = {}
         self.data_name = f"{name}.onnx.data"
@@ -218,7 +220,10 @@ class Graph:
         path = self.folder / f"{self.name}.onnx"
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
-        return {"file": path.name, "external_data": self.data_name, "weight_bytes": self.weight_bytes}
+        spec = {"file": path.name, "external_data": self.data_name, "weight_bytes": self.weight_bytes}
+        if self.weight_map:
+            spec["weights"] = dict(self.weight_map)
+        return spec
 
     def abandon(self) -> None:
         if not self._data.closed:

@@ -15,7 +15,14 @@ M.SUBCOMMANDS = {
   "volume",
   "status",
   "list",
+  "retake",
+  "repaint",
+  "extend",
+  "remix",
 }
+
+-- subcommands that rework the last completed track (the daemon finds it by track id)
+M.MODE_COMMANDS = { retake = true, repaint = true, extend = true, remix = true }
 
 -- `key=value` words accepted by `:Lofi [generate]`, with the generate() field they set.
 M.OPTION_WORDS = {
@@ -32,6 +39,9 @@ M.OPTION_WORDS = {
   priority = { "priority", config.PRIORITIES },
   backend = { "backend", config.BACKENDS },
   duration = { "duration_sec", "number" },
+  variance = { "retake_variance", "number" },
+  retake_seed = { "retake_seed", "integer" },
+  strength = { "strength", "number" },
 }
 
 local function words(s)
@@ -86,6 +96,56 @@ function M.parse_generate(args)
   return opts
 end
 
+local USAGE = {
+  retake = ":Lofi retake [prompt] [variance=0.2] [retake_seed=N]",
+  repaint = ":Lofi repaint {start} {end} [prompt] [variance=0.5]",
+  extend = ":Lofi extend {seconds} [prompt]",
+  remix = ":Lofi remix [prompt]",
+}
+
+--- `:Lofi retake|repaint|extend|remix ...` -> {cmd = "mode", mode = name, args..., opts}.
+function M.parse_mode(name, rest)
+  local w = words(rest)
+  local nums = {}
+  local need = ({ repaint = 2, extend = 1 })[name] or 0
+  for i = 1, need do
+    if not w[i] or not is_number(w[i]) then
+      return nil, "usage: " .. USAGE[name]
+    end
+    nums[i] = tonumber(w[i])
+  end
+  local opts, err = M.parse_generate(table.concat(w, " ", need + 1))
+  if not opts then
+    return nil, err
+  end
+  opts.duration_sec = nil -- the length follows the track
+  return { cmd = "mode", mode = name, numbers = nums, opts = opts }
+end
+
+--- The generate() request of a parsed mode command, acting on `last` (a completed track).
+function M.mode_request(parsed, last)
+  local o = vim.deepcopy(parsed.opts)
+  local prompt = o.prompt
+  o.prompt = last.prompt
+  o.seed = o.seed or last.seed
+  if parsed.mode == "retake" then
+    o.task, o.prompt, o.duration_sec = "retake", prompt or last.prompt, last.duration_sec
+    o.retake_variance = o.retake_variance or 0.2
+    return o
+  end
+  o.src_audio = last.track_id
+  if parsed.mode == "repaint" then
+    o.task, o.prompt = "repaint", prompt or last.prompt
+    o.start_sec, o.end_sec = parsed.numbers[1], parsed.numbers[2]
+  elseif parsed.mode == "extend" then
+    o.task, o.prompt, o.right_sec = "extend", prompt or last.prompt, parsed.numbers[1]
+  else -- remix: FlowEdit towards the new prompt with the UI's "remix" preset
+    o.task, o.target_prompt = "edit", prompt or last.prompt
+    o.edit_n_min, o.edit_n_max = 0.2, 0.4
+  end
+  return o
+end
+
 --- Parse a whole `:Lofi` argument string into {cmd = name, ...}.
 ---@return table? parsed, string? err
 function M.parse(args)
@@ -103,6 +163,8 @@ function M.parse(args)
       return nil, err
     end
     return { cmd = "generate", opts = opts }
+  elseif M.MODE_COMMANDS[first] then
+    return M.parse_mode(first, rest)
   elseif first == "setup" then
     local backend = vim.trim(rest)
     if not vim.tbl_contains(config.BACKENDS, backend) then
@@ -238,6 +300,14 @@ end
 function M.run(parsed)
   local lofi = require("lofi")
   local c = parsed.cmd
+  if c == "mode" then
+    local last = lofi.last_track()
+    if not last or not last.track_id then
+      return fail(parsed.mode .. ": no track generated yet")
+    end
+    parsed = { cmd = "generate", opts = M.mode_request(parsed, last) }
+    c = "generate"
+  end
   if c == "generate" then
     local job
     job = lofi.generate(parsed.opts, function(err, track)

@@ -61,7 +61,24 @@ M.GENERATE_KEYS = {
   lyrics = "string",
   priority = "string",
   backend = "string",
+  -- audio-input tasks (docs/protocol.md): src_audio is a file path or a cached track id
+  task = "string",
+  src_audio = "string",
+  retake_seed = "number",
+  retake_variance = "number",
+  start_sec = "number",
+  end_sec = "number",
+  left_sec = "number",
+  right_sec = "number",
+  strength = "number",
+  target_prompt = "string",
+  edit_n_min = "number",
+  edit_n_max = "number",
+  edit_n_avg = "number",
+  lora = "string",
+  lora_weight = "number",
 }
+M.TASKS = { "text2music", "retake", "repaint", "extend", "audio2audio", "edit" }
 
 local function one_of(list)
   return function(v)
@@ -141,6 +158,9 @@ local function validate_generate(g, prefix)
   end
   if g.cfg_type ~= nil then
     check(prefix .. "cfg_type`", g.cfg_type, one_of(CFG_TYPES))
+  end
+  if g.task ~= nil then
+    check(prefix .. "task`", g.task, one_of(M.TASKS))
   end
   if g.priority ~= nil then
     check(prefix .. "priority`", g.priority, one_of(PRIORITIES))

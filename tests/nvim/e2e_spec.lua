@@ -352,6 +352,38 @@ H.test("e2e_commands", function()
   H.matches(notes[1].msg, "backend: ace%-step", "switched")
 end)
 
+H.test("e2e_mode_commands", function()
+  -- :Lofi extend / :Lofi repaint rework the last completed track through its track id
+  local base = lofi.last_track()
+  H.truthy(base and base.track_id, "a track from the cases before")
+  local done
+  local off = lofi.on("generation_complete", function(d)
+    done = d
+  end)
+  vim.cmd("Lofi extend 1 steps=2")
+  H.wait(GEN_MS, function()
+    return done ~= nil
+  end, "extension from :Lofi extend")
+  H.eq(done.task, "extend", "task")
+  H.eq(done.src_audio:match("([0-9a-f]+)%.wav$"), base.track_id, "source is the last track")
+  H.eq(done.duration_sec, base.duration_sec + 1, "extended by exactly 1 s")
+  H.eq(wav_info(done.path).frames, (base.duration_sec + 1) * 48000, "WAV frames")
+  local extended = done
+  done = nil
+  vim.cmd("Lofi repaint 1 2.5 steps=2")
+  H.wait(GEN_MS, function()
+    return done ~= nil
+  end, "repaint from :Lofi repaint")
+  off()
+  H.eq(done.task, "repaint", "task")
+  H.eq(done.duration_sec, extended.duration_sec, "repaint keeps the length")
+  H.eq({ done.start_sec, done.end_sec }, { 1, 2.5 }, "window")
+  vim.cmd("Lofi stop")
+  notes = {}
+  vim.cmd("Lofi repaint 1")
+  H.matches(notes[1] and notes[1].msg or "", "usage: :Lofi repaint", "usage on a bad command")
+end)
+
 H.test("e2e_checkhealth", function()
   vim.cmd("checkhealth lofi")
   local lines = vim.api.nvim_buf_get_lines(0, 0, -1, false)

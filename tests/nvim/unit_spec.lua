@@ -323,6 +323,30 @@ H.test("commands_parse", function()
   H.matches(select(2, parse("")), "usage", "empty")
 end)
 
+H.test("commands_parse_modes", function()
+  local cmds = require("lofi.commands")
+  local last = { track_id = "0123456789abcdef", prompt = "rainy night", seed = 7, duration_sec = 30 }
+  local function req(line)
+    local p, err = cmds.parse(line)
+    H.truthy(p, err)
+    return cmds.mode_request(p, last)
+  end
+  H.eq(req("repaint 10 12.5"), { task = "repaint", prompt = "rainy night", seed = 7,
+    src_audio = "0123456789abcdef", start_sec = 10, end_sec = 12.5 }, "repaint keeps the prompt")
+  H.eq(req("repaint 1 2 warm jazz variance=0.7"), { task = "repaint", prompt = "warm jazz", seed = 7,
+    src_audio = "0123456789abcdef", start_sec = 1, end_sec = 2, retake_variance = 0.7 }, "repaint prompt")
+  H.eq(req("extend 15"), { task = "extend", prompt = "rainy night", seed = 7,
+    src_audio = "0123456789abcdef", right_sec = 15 }, "extend")
+  H.eq(req("retake retake_seed=3"), { task = "retake", prompt = "rainy night", seed = 7,
+    duration_sec = 30, retake_seed = 3, retake_variance = 0.2 }, "retake")
+  H.eq(req("remix synthwave"), { task = "edit", prompt = "rainy night", seed = 7,
+    src_audio = "0123456789abcdef", target_prompt = "synthwave", edit_n_min = 0.2, edit_n_max = 0.4 }, "remix")
+  H.matches(select(2, cmds.parse("repaint 10")), "usage: :Lofi repaint", "repaint needs two numbers")
+  H.matches(select(2, cmds.parse("extend soon")), "usage: :Lofi extend", "extend needs seconds")
+  H.eq(require("lofi.config").check_generate(req("remix x")), nil, "requests pass the type check")
+  H.matches(require("lofi.config").check_generate({ task = "remix" }), "task", "unknown task refused")
+end)
+
 H.test("commands_complete", function()
   vim.cmd("runtime plugin/lofi.lua")
   H.eq(vim.fn.exists(":Lofi"), 2, ":Lofi defined")

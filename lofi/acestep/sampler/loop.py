@@ -182,58 +182,13 @@ def sample(engine, conditions: Conditions, noise_latents: np.ndarray, params: Sa
     step = make_step(params.scheduler_type, sigmas, params.omega_scale, noise_source)
 
     # heun quirk: the window comes from n but is indexed by the evaluation counter (0..2n-2)
-    start, end = guidance_window(n, params.guidance_interval)
-    double = params.double_condition
-    if params.do_cfg and conditions.null_ctx is None:
-        raise ValueError("guidance is on but the conditions carry no null context")
-    if params.do_cfg and double and conditions.text_only_ctx is None:
-        raise ValueError("double-condition guidance needs the text-only context")
-    momentum = MomentumBuffer()
-
+    evaluate = Evaluator(engine, conditions, params, n, record)
     x = np.array(noise_latents, dtype=np.float32)
-    b = x.shape[0]
-    mask = conditions.ctx_mask
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         if should_cancel is not None and should_cancel():
             raise Cancelled()
-        guided = params.do_cfg and start <= i < end
-        if guided:
-            branches = [conditions.ctx]
-            if double:
-                branches.append(conditions.text_only_ctx)
-            branches.append(conditions.null_ctx)
-            k = len(branches)
-            erg = np.zeros(k * b, dtype=bool)
-            erg[(k - 1) * b:] = params.use_erg_diffusion
-            v_all = _velocity(engine, record, i, np.concatenate([x] * k),
-                              np.full(k * b, t, np.float32), np.concatenate(branches),
-                              np.concatenate([mask] * k), erg)
-            rows = [v_all[j * b:(j + 1) * b] for j in range(k)]
-            v_c, v_u = rows[0], rows[-1]
-            gs = guidance_scale_at(i, start, end, params.guidance_scale,
-                                   params.min_guidance_scale, params.guidance_interval_decay)
-            if double:
-                kind = "cfg_double"
-                v = cfg_double(v_c, v_u, rows[1], params.guidance_scale_text,
-                               params.guidance_scale_lyric)
-            elif params.cfg_type == "apg":
-                kind = "apg"
-                v = apg(v_c, v_u, gs, momentum)
-            elif params.cfg_type == "cfg":
-                kind = "cfg"
-                v = cfg(v_c, v_u, gs)
-            else:
-                kind = "cfg_star"
-                v = cfg_star(v_c, v_u, gs, i, params.zero_steps, params.use_zero_init)
-            if record is not None:
-                record({"event": "guidance", "index": i, "kind": kind, "scale": gs,
-                        "cond": v_c, "uncond": v_u, "text_only": rows[1] if double else None,
-                        "out": v, "momentum": momentum.running_average if kind == "apg" else None})
-        else:
-            k, gs = 1, None
-            v = _velocity(engine, record, i, x, np.full(b, t, np.float32), conditions.ctx, mask,
-                          np.zeros(b, dtype=bool))
+        v, info = evaluate(x, t, i)
         x_new = step(v, x, i)
         if record is not None:
             record({"event": "step", "index": i, "timestep": t, "sample": x,
@@ -244,9 +199,69 @@ def sample(engine, conditions: Conditions, noise_latents: np.ndarray, params: Sa
                             f"of {total} (precision {getattr(engine, 'precision', '?')})",
                             {"step": i + 1, "precision": getattr(engine, "precision", None)})
         if on_step is not None:
-            on_step(i, total, {"timestep": float(t), "guided": guided, "guidance_scale": gs,
-                               "rows": k * b})
+            on_step(i, total, info)
     return x
+
+
+class Evaluator:
+    """The (guided) velocity of loop index i, as every text2music-family loop computes it.
+
+    The guidance window comes from n (the step count the reference computes it from) and is
+    indexed by the absolute loop index i; the APG momentum lives across the calls of one run.
+    """
+
+    def __init__(self, engine, conditions: Conditions, params: SamplerParams, n: int, record=None):
+        self.engine, self.conditions, self.params, self.record = engine, conditions, params, record
+        self.start, self.end = guidance_window(n, params.guidance_interval)
+        self.double = params.double_condition
+        if params.do_cfg and conditions.null_ctx is None:
+            raise ValueError("guidance is on but the conditions carry no null context")
+        if params.do_cfg and self.double and conditions.text_only_ctx is None:
+            raise ValueError("double-condition guidance needs the text-only context")
+        self.momentum = MomentumBuffer()
+
+    def __call__(self, x: np.ndarray, t, i: int) -> tuple[np.ndarray, dict]:
+        params, conditions, record = self.params, self.conditions, self.record
+        b = x.shape[0]
+        mask = conditions.ctx_mask
+        guided = params.do_cfg and self.start <= i < self.end
+        if not guided:
+            v = _velocity(self.engine, record, i, x, np.full(b, t, np.float32), conditions.ctx,
+                          mask, np.zeros(b, dtype=bool))
+            return v, {"timestep": float(t), "guided": False, "guidance_scale": None, "rows": b}
+        branches = [conditions.ctx]
+        if self.double:
+            branches.append(conditions.text_only_ctx)
+        branches.append(conditions.null_ctx)
+        k = len(branches)
+        erg = np.zeros(k * b, dtype=bool)
+        erg[(k - 1) * b:] = params.use_erg_diffusion
+        v_all = _velocity(self.engine, record, i, np.concatenate([x] * k),
+                          np.full(k * b, t, np.float32), np.concatenate(branches),
+                          np.concatenate([mask] * k), erg)
+        rows = [v_all[j * b:(j + 1) * b] for j in range(k)]
+        v_c, v_u = rows[0], rows[-1]
+        gs = guidance_scale_at(i, self.start, self.end, params.guidance_scale,
+                               params.min_guidance_scale, params.guidance_interval_decay)
+        if self.double:
+            kind = "cfg_double"
+            v = cfg_double(v_c, v_u, rows[1], params.guidance_scale_text,
+                           params.guidance_scale_lyric)
+        elif params.cfg_type == "apg":
+            kind = "apg"
+            v = apg(v_c, v_u, gs, self.momentum)
+        elif params.cfg_type == "cfg":
+            kind = "cfg"
+            v = cfg(v_c, v_u, gs)
+        else:
+            kind = "cfg_star"
+            v = cfg_star(v_c, v_u, gs, i, params.zero_steps, params.use_zero_init)
+        if record is not None:
+            record({"event": "guidance", "index": i, "kind": kind, "scale": gs,
+                    "cond": v_c, "uncond": v_u, "text_only": rows[1] if self.double else None,
+                    "out": v,
+                    "momentum": self.momentum.running_average if kind == "apg" else None})
+        return v, {"timestep": float(t), "guided": True, "guidance_scale": gs, "rows": k * b}
 
 
 def _velocity(engine, record, i, x, t, ctx, mask, erg):
