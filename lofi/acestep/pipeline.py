@@ -173,7 +173,7 @@ class Pipeline:
         timings["write_sec"] = time.perf_counter() - t3
         total = time.perf_counter() - t0
         seconds, channels = out.shape[-1] / SAMPLE_RATE, int(out.shape[0])
-        del lat, wave, out  # the job's audio buffers: free them and hand the heap pages back
+        del res, wave, out  # the job's audio buffers: free them and hand the heap pages back
         trim()
         return {
             "path": str(out_path), "duration_sec": seconds,
