@@ -12,6 +12,7 @@ waits on generation. The daemon talks to it over pipes, one JSON object per line
   player -> daemon  {"ev": "ready", "backend"} | {"ev": "error", "message"}
                     | {"ev": "queued", "token", "frames"} | {"ev": "load_error", "token", "message"}
                     | {"ev": "started"|"looped"|"waiting"|"ended", "token", "frame"}
+                    | {"ev": "underrun", "frame", "late_ms"}
                     | {"ev": "stats", "underruns", "frames", "min_margin_ms", "callbacks"}
 
 An underrun is counted when a callback starts after every frame handed to the device so far
@@ -40,7 +41,7 @@ from lofi.mix import WAIT_MODES, Mixer
 
 SAMPLE_RATE = 48000
 CHANNELS = 2
-BUFFER_MSEC = 100
+BUFFER_MSEC = 200  # headroom for a busy machine; a skip is heard within ~2 buffers
 STATS_SEC = 0.5
 PLAYBACK_FAILED = "PLAYBACK_FAILED"
 
@@ -95,6 +96,8 @@ class _Player:
                 if margin < 0:
                     self.underruns += 1
                     self.anchor = now - self.delivered / SAMPLE_RATE
+                    self.events.put({"ev": "underrun", "frame": self.delivered,
+                                     "late_ms": round(-margin * 1000, 1)})
             self.callbacks += 1
             with self.lock:
                 block, events = self.mixer.render(frames)

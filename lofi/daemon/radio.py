@@ -300,6 +300,9 @@ class Radio:
                                               start_frame=e.start_frame,
                                               crossfade_sec=self.cfg["crossfade_sec"]))
             self._set_state("playing")
+        elif ev == "underrun":
+            log.warning("radio: underrun at %.2f s of output, %.0f ms late",
+                        msg.get("frame", 0) / 48000, msg.get("late_ms", 0))
         elif ev == "waiting":
             self._set_state("waiting", "the next track is not ready yet")
             if self.pending is None and self.ready is None and self.request_at is None:
@@ -333,8 +336,8 @@ class Radio:
     # -- called by the method handlers -----------------------------------------------------------
     def start(self) -> None:
         self.d.listeners.append(self.on_notify)
+        self._set_state("waiting", "generating the first track")  # before any generation_start
         self.thread.start()
-        self._set_state("waiting", "generating the first track")
 
     def skip(self) -> dict:
         with self._lock:
