@@ -160,7 +160,7 @@ local function request(method, params, cb, timeout_ms)
 end
 
 -- For lofi.radio: a request with the plugin's handlers wired.
-M._request = request
+M._internal = { request = request }
 
 --- Configure the plugin. Validates `opts`, spawns nothing. Settings that reach the daemon
 --- (daemon_cmd, home, backend, env) take effect at its next start; a running daemon is stopped.

@@ -52,16 +52,16 @@ end
 function M.start(opts, cb)
   config.validate("opts", opts, "table", true)
   config.validate("cb", cb, "function", true)
-  lofi()._request("radio_start", M.params(opts), cb or default_cb("radio"))
+  lofi()._internal.request("radio_start", M.params(opts), cb or default_cb("radio"))
 end
 
 function M.stop(cb)
-  lofi()._request("radio_stop", nil, cb or default_cb("radio stop"))
+  lofi()._internal.request("radio_stop", nil, cb or default_cb("radio stop"))
 end
 
 --- Crossfade to the next track now (or as soon as it is ready).
 function M.skip(cb)
-  lofi()._request("radio_skip", nil, cb or default_cb("skip"))
+  lofi()._internal.request("radio_skip", nil, cb or default_cb("skip"))
 end
 
 --- Keep a track (default: the one playing) whatever the cache size. `cb(err, {track_id, kept})`.
@@ -74,13 +74,13 @@ function M.keep(track_id, cb)
       cb({ code = "NOTHING_PLAYING", message = "the radio is not playing a track; give a track id" })
     end)
   end
-  lofi()._request("radio_keep", { track_id = track_id }, cb)
+  lofi()._internal.request("radio_keep", { track_id = track_id }, cb)
 end
 
 --- The daemon's radio_status. `cb(err, status)`.
 function M.status(cb)
   config.validate("cb", cb, "function")
-  lofi()._request("radio_status", nil, cb)
+  lofi()._internal.request("radio_status", nil, cb)
 end
 
 --- Radio tracks of this daemon, newest first. `cb(err, tracks)`.
