@@ -65,13 +65,18 @@ def _bad(name: str, message: str) -> LofiError:
 
 
 class Strategy:
-    """Which prompt each track gets. crossfade=False is the seam for a strategy that continues
-    the previous track's audio instead of starting a new piece."""
+    """What each track is asked for. `continue` will subclass this: `request` returning the
+    extend-mode fields for the previous track's tail, and crossfade = False (the player then
+    butt-joins the tracks, which already flow into each other)."""
     crossfade = True
 
     def __init__(self, name: str, prompts: list[str]):
         self.name, self.prompts = name, prompts
         self._rng = random.Random(secrets.randbits(64))
+
+    def request(self, index: int, previous: "Entry | None") -> dict:
+        """GenerateParams fields of track `index` beyond the radio's shared ones."""
+        return {"prompt": self.prompt(index, previous.prompt if previous else None)}
 
     def prompt(self, index: int, previous: str | None) -> str:
         if self.name == "same_prompt":
@@ -163,7 +168,8 @@ class Radio:
             raise LofiError(PLAYBACK_FAILED, f"the radio mixes its crossfades itself and needs "
                             f"miniaudio; LOFI_PLAYER={mode} plays through an external program")
         self.mixer = MixerProcess(
-            "null" if mode == "null" else "auto", cfg["crossfade_sec"], cfg["wait_mode"], volume,
+            "null" if mode == "null" else "auto",
+            cfg["crossfade_sec"] if self.strategy.crossfade else 0.0, cfg["wait_mode"], volume,
             on_event=lambda msg: self._post("player", msg))
         self.player_name = f"miniaudio ({self.mixer.backend})"
         self.thread = threading.Thread(target=self._run, name="lofi-radio", daemon=True)
@@ -218,11 +224,11 @@ class Radio:
         from lofi.daemon.jobs import Job
 
         d, i = self.d, self.index
-        prev = self.history[-1].prompt if self.history else None
+        fields = self.strategy.request(i, self.current or (self.history[-1] if self.history else None))
         seed = (self.cfg["seed"] + i) % 2**32 if self.cfg["seed"] is not None else secrets.randbits(32)
-        e = Entry(i, self.strategy.prompt(i, prev), seed, requested_at=time.monotonic())
-        gp = GenerateParams(prompt=e.prompt, duration_sec=self.cfg["duration_sec"], seed=seed,
-                            **self.cfg["base"]).validate()
+        e = Entry(i, fields["prompt"], seed, requested_at=time.monotonic())
+        gp = GenerateParams(duration_sec=self.cfg["duration_sec"], seed=seed,
+                            **dict(self.cfg["base"], **fields)).validate()
         for k in ("duration_sec", "guidance_scale", "omega_scale", "guidance_interval",
                   "guidance_interval_decay", "min_guidance_scale"):
             setattr(gp, k, float(getattr(gp, k)))  # the generate method's spelling of the same track
