@@ -406,7 +406,8 @@ class Radio:
             out = {"state": self.state, "reason": self.reason, "strategy": self.strategy.name,
                    "prompts": self.strategy.prompts, "duration_sec": self.cfg["duration_sec"],
                    "crossfade_sec": self.cfg["crossfade_sec"], "wait_mode": self.cfg["wait_mode"],
-                   "player": self.player_name, "underruns": self.mixer.stats.get("underruns"),
+                   "player": self.player_name, "player_pid": self.mixer.proc.pid,
+                   "underruns": self.mixer.stats.get("underruns"),
                    "min_margin_ms": self.mixer.stats.get("min_margin_ms"),
                    "current": None, "next": None, "next_request_in_sec": None}
             if cur is not None:
