@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -270,6 +271,6 @@ def test_player_process_ends_with_the_daemon(tmp_path, how):
         else:
             d.close_stdin()
         d.wait_exit(10)
-    if how == "SIGKILL" and not os.sys.platform.startswith("linux"):
+    if how == "SIGKILL" and not sys.platform.startswith("linux"):
         return
     assert _gone(pid), f"the player process {pid} outlived the daemon ({how})"

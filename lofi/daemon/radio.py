@@ -217,7 +217,13 @@ class Radio:
                 if (self.request_at is not None and self.pending is None and self.ready is None
                         and self.paused_at is None and time.monotonic() >= self.request_at):
                     self.request_at = None
-                    self._request()
+                    try:
+                        self._request()
+                    except LofiError as e:  # no engine, a strategy's bad fields: try again, then stop
+                        self._failed(e.message)
+                    except Exception as e:
+                        log.exception("radio: requesting a track failed")
+                        self._failed(f"{type(e).__name__}: {e}")
 
     def _request(self) -> None:
         """Ask for the next track: straight from the cache if it exists, else a queued job."""
