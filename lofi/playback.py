@@ -415,25 +415,38 @@ def install(method) -> None:
             p = d.player = Player(d.notify, mode=player_mode())
         return p
 
+    # The radio (lofi/daemon/radio.py) plays through its own player process: while it runs,
+    # pause/resume/volume act on it, and play or stop end it (one thing sounds at a time).
     @method("play", {"path": ((str,), True), "volume": ((int, float), False)})
     def play(d, params, call):
+        if getattr(d, "radio", None) is not None:
+            d.radio.stop("replaced by play")
         return player(d).play(params["path"], params.get("volume"), defer=call.after_send)
 
     @method("pause")
     def pause(d, params, call):
-        return player(d).pause()
+        radio = getattr(d, "radio", None)
+        return radio.pause() if radio is not None else player(d).pause()
 
     @method("resume")
     def resume(d, params, call):
-        return player(d).resume()
+        radio = getattr(d, "radio", None)
+        return radio.resume() if radio is not None else player(d).resume()
 
     @method("stop")
     def stop(d, params, call):
+        if getattr(d, "radio", None) is not None:
+            d.radio.stop("stopped")
         return player(d).stop()
 
     @method("volume", {"volume": ((int, float), False)})
     def volume(d, params, call):
-        return player(d).set_volume(params.get("volume"))
+        p = player(d)
+        if getattr(d, "radio", None) is not None and params.get("volume") is not None:
+            p.volume = _check_volume(params["volume"])
+            d.radio.mixer.send("volume", volume=p.volume)
+            return {"volume": p.volume, "applied_now": True}
+        return p.set_volume(params.get("volume"))
 
     @method("playback_status")
     def playback_status(d, params, call):

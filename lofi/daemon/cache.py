@@ -184,6 +184,18 @@ class TrackCache:
                 t = self._index.get(track_id, t)
             return t
 
+    def pin(self, track_id: str, pinned: bool = True) -> Track | None:
+        """Keep a track whatever the size limit (pinned=False releases it); None if absent."""
+        with self._lock:
+            self._scan()
+            t = self._index.get(track_id)
+            if t is None or not t.audio.is_file():
+                return None
+            t.meta["pinned"] = bool(pinned)
+            self._write_sidecar(t.track_id, t.meta)
+            self._scan()
+            return self._index.get(track_id, t)
+
     def tracks(self) -> list[Track]:
         """Most recently used first."""
         with self._lock:
@@ -369,7 +381,8 @@ class TrackCache:
             return []
         now = time.time()
         victims = sorted((t for t in self._index.values()
-                          if t.track_id not in keep and now - t.last_used > RECENT_SEC),
+                          if t.track_id not in keep and now - t.last_used > RECENT_SEC
+                          and not t.meta.get("pinned")),
                          key=lambda t: t.last_used)
         gone = []
         for t in victims:

@@ -446,3 +446,8 @@ _install_playback(method)
 from lofi.daemon.setup import register as _register_setup  # noqa: E402
 
 _register_setup(method)
+
+# The radio (lofi/daemon/radio.py): radio_start, radio_stop, radio_skip, radio_status, radio_keep.
+from lofi.daemon.radio import register as _register_radio  # noqa: E402
+
+_register_radio(method)

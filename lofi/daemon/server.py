@@ -41,11 +41,15 @@ class Daemon:
         self.stop_reason: str | None = None
         self.on_stop: list = []  # callables run at shutdown
         self.player = None  # made on first use by the playback methods (lofi/playback.py)
+        self.radio = None  # the running radio (lofi/daemon/radio.py)
+        self.listeners: list = []  # fn(method, params) called with every notification; must not block
         self._stop = threading.Event()
 
     # -- used by methods and jobs -------------------------------------------------------------
     def notify(self, method: str, params: dict) -> None:
         self.writer.send({"jsonrpc": "2.0", "method": method, "params": params})
+        for fn in list(self.listeners):
+            fn(method, params)
 
     def finish(self, job: Job, kind: str, payload: dict) -> bool:
         """End a job as complete | error | cancelled, exactly once."""

@@ -19,6 +19,10 @@ M.SUBCOMMANDS = {
   "repaint",
   "extend",
   "remix",
+  "radio",
+  "skip",
+  "keep",
+  "history",
 }
 
 -- subcommands that rework the last completed track (the daemon finds it by track id)
@@ -44,6 +48,16 @@ M.OPTION_WORDS = {
   strength = { "strength", "number" },
 }
 
+-- Extra `key=value` words of `:Lofi radio`, with the radio.start() field they set.
+M.RADIO_WORDS = {
+  crossfade = { "crossfade_sec", "number" },
+  crossfade_sec = { "crossfade_sec", "number" },
+  strategy = { "strategy", config.RADIO_STRATEGIES },
+  wait = { "wait_mode", config.WAIT_MODES },
+  wait_mode = { "wait_mode", config.WAIT_MODES },
+  volume = { "volume", "number" },
+}
+
 local function words(s)
   local out = {}
   for w in s:gmatch("%S+") do
@@ -59,12 +73,12 @@ end
 --- Parse the words of `:Lofi [generate] {prompt} [duration] [key=value ...]` into generate() opts.
 --- A trailing number is the duration only when it is a word of its own.
 ---@return table? opts, string? err
-function M.parse_generate(args)
+function M.parse_generate(args, extra)
   local opts = {}
   local prompt_words = {}
   for _, w in ipairs(words(args)) do
     local key, value = w:match("^([%a_]+)=(.+)$")
-    local spec = key and M.OPTION_WORDS[key]
+    local spec = key and (M.OPTION_WORDS[key] or (extra and extra[key]))
     if spec then
       local field, kind = spec[1], spec[2]
       if type(kind) == "table" then
@@ -185,6 +199,25 @@ function M.parse(args)
     return { cmd = "cancel", track_id = w[1] }
   elseif first == "play" then
     return { cmd = "play", path = rest ~= "" and rest or nil }
+  elseif first == "radio" then
+    local w = words(rest)
+    if w[1] == "stop" and #w == 1 then
+      return { cmd = "radio_stop" }
+    end
+    local opts, err = M.parse_generate(rest, M.RADIO_WORDS)
+    if not opts then
+      return nil, err
+    end
+    if opts.priority or opts.backend or opts.seed then
+      return nil, "usage: :Lofi radio [prompt] [duration] [crossfade=SEC] [strategy=...] [wait=loop|hold] [steps=N] | :Lofi radio stop"
+    end
+    return { cmd = "radio", opts = opts }
+  elseif first == "keep" then
+    local w = words(rest)
+    if #w > 1 then
+      return nil, "usage: :Lofi keep [track_id]"
+    end
+    return { cmd = "keep", track_id = w[1] }
   elseif first == "volume" then
     local n = tonumber(vim.trim(rest))
     if not n or n < 0 or n > 100 then
@@ -340,6 +373,30 @@ function M.run(parsed)
     lofi[c](on_err(c))
   elseif c == "volume" then
     lofi.volume(parsed.level, on_err("volume"))
+  elseif c == "radio" then
+    lofi.radio.start(parsed.opts, function(err, res)
+      if err then
+        return fail(("radio: [%s] %s"):format(err.code, err.message))
+      end
+      info(("radio on (%s, %s s tracks, %s s crossfade): first track generating"):format(
+        res.strategy,
+        tostring(res.duration_sec),
+        tostring(res.crossfade_sec)
+      ))
+    end)
+  elseif c == "radio_stop" then
+    lofi.radio.stop(on_err("radio stop"))
+  elseif c == "skip" then
+    lofi.radio.skip(on_err("skip"))
+  elseif c == "keep" then
+    lofi.radio.keep(parsed.track_id, function(err, res)
+      if err then
+        return fail(("keep: [%s] %s"):format(err.code, err.message))
+      end
+      info("kept " .. res.track_id)
+    end)
+  elseif c == "history" then
+    lofi.radio.pick()
   elseif c == "status" then
     lofi.status(function(err, st)
       if err then
@@ -413,6 +470,21 @@ function M.complete(arglead, cmdline, _)
     return filter(ids, arglead)
   elseif sub == "play" then
     return vim.fn.getcompletion(arglead, "file")
+  elseif sub == "radio" then
+    if #w == 1 and arglead == "" then
+      return { "stop" }
+    end
+    local key = arglead:match("^([%a_]+)=")
+    local spec = key and M.RADIO_WORDS[key]
+    if spec and type(spec[2]) == "table" then
+      return filter(
+        vim.tbl_map(function(v)
+          return key .. "=" .. v
+        end, spec[2]),
+        arglead
+      )
+    end
+    return filter({ "stop", "crossfade=", "strategy=", "wait=", "duration=", "steps=" }, arglead)
   elseif sub == "volume" and #w == 1 then
     return filter({ "0", "25", "50", "75", "100" }, arglead)
   elseif sub == "generate" or not vim.tbl_contains(M.SUBCOMMANDS, sub) then

@@ -37,7 +37,20 @@ M.defaults = {
     autoplay = false, -- play a track when a generation started by :Lofi completes
     volume = nil, -- 0-100 applied before each play; nil = leave the player's volume
   },
+  -- :Lofi radio. strategy nil = same_prompt with a prompt, random_preset without;
+  -- prompts nil = the daemon's presets (for preset_cycle / random_preset).
+  radio = {
+    duration_sec = 120, -- each track
+    crossfade_sec = 4, -- equal-power crossfade between tracks; 0 = gapless butt join
+    wait_mode = "loop", -- next track late: "loop" the current one or "hold" (play out, then silence)
+  },
 }
+
+-- Keys of the radio option (some defaults are nil).
+M.RADIO_KEYS = { strategy = "string", prompts = "table", duration_sec = "number",
+  crossfade_sec = "number", wait_mode = "string", volume = "number" }
+M.RADIO_STRATEGIES = { "same_prompt", "preset_cycle", "random_preset" }
+M.WAIT_MODES = { "loop", "hold" }
 
 -- Top-level option names (some defaults are nil, so the defaults table cannot list them).
 local TOP_KEYS = {}
@@ -207,6 +220,20 @@ function M.resolve(opts)
     check("playback.volume`", opts.playback.volume, function(v)
       return type(v) == "number" and v >= 0 and v <= 100
     end, true, "number from 0 to 100")
+  end
+  check("radio`", opts.radio, "table", true)
+  if opts.radio then
+    no_unknown(opts.radio, M.RADIO_KEYS, "radio.")
+    for k, ty in pairs(M.RADIO_KEYS) do
+      check("radio." .. k .. "`", opts.radio[k], ty, true)
+    end
+    if opts.radio.strategy ~= nil then
+      check("radio.strategy`", opts.radio.strategy, one_of(M.RADIO_STRATEGIES))
+    end
+    if opts.radio.wait_mode ~= nil then
+      check("radio.wait_mode`", opts.radio.wait_mode, one_of(M.WAIT_MODES))
+    end
+    check("radio.prompts`", opts.radio.prompts, list_of_strings, true, "non-empty list of strings")
   end
   return vim.tbl_deep_extend("force", vim.deepcopy(M.defaults), opts)
 end

@@ -90,6 +90,32 @@ local function check_player(h)
   end
 end
 
+local function check_radio(h)
+  local st, err = sync("radio_status")
+  if err then
+    h.warn(("radio_status failed: [%s] %s"):format(err.code, err.message))
+    return
+  end
+  if st.state == "stopped" then
+    h.ok(("radio: stopped (%d tracks this session)"):format(#(st.history or {})))
+    return
+  end
+  local cur = st.current and (" ▶ #%d %s"):format(st.current.index or 0, st.current.prompt or "") or ""
+  local msg = ("radio: %s%s (%s, %s s crossfade, player %s, underruns %s)"):format(
+    st.state,
+    cur,
+    tostring(st.strategy),
+    tostring(st.crossfade_sec),
+    tostring(st.player),
+    tostring(st.underruns)
+  )
+  if (tonumber(st.underruns) or 0) > 0 then
+    h.warn(msg, { "the audio device was starved: close other heavy programs or raise LOFI_THREADS less" })
+  else
+    h.ok(msg)
+  end
+end
+
 local function check_disk(h)
   local home = config.home()
   local probe = home
@@ -152,6 +178,7 @@ function M.check()
   end
   check_backends(h)
   check_player(h)
+  check_radio(h)
   check_disk(h)
 end
 

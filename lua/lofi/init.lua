@@ -17,6 +17,8 @@ local EVENTS = {
   "daemon_restart",
   "playback_started",
   "playback_ended",
+  "radio_track",
+  "radio_state",
 }
 M.EVENTS = EVENTS
 
@@ -156,6 +158,9 @@ local function request(method, params, cb, timeout_ms)
     safe_call(cb, err, res)
   end, timeout_ms)
 end
+
+-- For lofi.radio: a request with the plugin's handlers wired.
+M._internal = { request = request }
 
 --- Configure the plugin. Validates `opts`, spawns nothing. Settings that reach the daemon
 --- (daemon_cmd, home, backend, env) take effect at its next start; a running daemon is stopped.
@@ -404,5 +409,8 @@ function M.on(event, fn)
     end
   end
 end
+
+--- The radio: require("lofi").radio.start(opts) / .stop() / .skip() (see lua/lofi/radio.lua).
+M.radio = require("lofi.radio")
 
 return M

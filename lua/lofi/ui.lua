@@ -9,6 +9,8 @@ local S = {
   order = {}, -- track_ids in the order they were queued
   download = nil, -- last download_progress params while a setup runs
   playing = nil, -- {path, label}
+  radio = nil, -- {state, track_id, index, prompt, reason} while the radio is on
+  mine = {}, -- track_id -> true: generations this client asked for (the others are the radio's)
 }
 
 local function notify(msg, level)
@@ -88,6 +90,7 @@ end
 
 --- A generate request was answered (queued/generating); cached answers are not tracked.
 function M.queued(track_id, prompt, status)
+  S.mine[track_id] = true
   local job = job_for(track_id, prompt)
   job.status = status == "generating" and "generating" or "queued"
   refresh()
@@ -99,6 +102,7 @@ function M.on_event(name, d)
   if name == "generation_start" then
     local job = job_for(d.track_id, d.prompt)
     job.status = "generating"
+    job.radio = S.radio ~= nil and not S.mine[d.track_id]
     job.prompt = job.prompt or d.prompt
     fidget_report(job, "started")
   elseif name == "generation_progress" then
@@ -113,7 +117,11 @@ function M.on_event(name, d)
     fidget_report(job, msg)
   elseif name == "generation_complete" then
     local job = drop(d.track_id)
+    S.mine[d.track_id] = nil
     fidget_end(job, "finish")
+    if job and job.radio then
+      return refresh() -- the radio announces its tracks when they start to sound
+    end
     notify(
       ("track ready (%.0f s): %s"):format(tonumber(d.duration_sec) or 0, d.path or "?"),
       vim.log.levels.INFO
@@ -124,7 +132,11 @@ function M.on_event(name, d)
     notify(("generation failed [%s]: %s"):format(d.code or "ERROR", d.message or ""), vim.log.levels.ERROR)
   elseif name == "generation_cancelled" then
     local job = drop(d.track_id)
+    S.mine[d.track_id] = nil
     fidget_end(job, "cancel")
+    if job and job.radio then
+      return refresh() -- the radio's prefetch, cancelled by radio stop
+    end
     notify("generation cancelled" .. (d.at_step and (" at step " .. d.at_step) or ""), vim.log.levels.INFO)
   elseif name == "download_progress" then
     S.download = d
@@ -136,6 +148,19 @@ function M.on_event(name, d)
     S.download = nil
   elseif name == "playback_started" then
     S.playing = { path = d.path, label = d.prompt or vim.fn.fnamemodify(d.path or "", ":t:r") }
+  elseif name == "radio_track" then
+    S.radio = vim.tbl_extend("force", S.radio or {}, {
+      track_id = d.track_id,
+      index = d.index,
+      prompt = d.prompt,
+      path = d.path,
+    })
+  elseif name == "radio_state" then
+    if d.state == "stopped" then
+      S.radio = nil
+    else
+      S.radio = vim.tbl_extend("force", S.radio or {}, { state = d.state, reason = d.reason })
+    end
   elseif name == "playback_ended" then
     if not S.playing or S.playing.path == d.path then
       S.playing = nil
@@ -144,7 +169,7 @@ function M.on_event(name, d)
     for _, id in ipairs(vim.deepcopy(S.order)) do
       fidget_end(drop(id), "cancel")
     end
-    S.download, S.playing = nil, nil
+    S.download, S.playing, S.radio = nil, nil, nil
     if not d.expected then
       notify(
         ("daemon exited unexpectedly (%s); log: %s"):format(
@@ -166,10 +191,12 @@ end
 --- Statusline component: "" when idle.
 function M.statusline()
   local icon = config.options.ui.icon
-  local running, queued = nil, 0
+  local running, queued, radio_job = nil, 0, nil
   for _, id in ipairs(S.order) do
     local job = S.jobs[id]
-    if job.status == "generating" and not running then
+    if job.radio then
+      radio_job = job
+    elseif job.status == "generating" and not running then
       running = job
     else
       queued = queued + 1
@@ -191,7 +218,19 @@ function M.statusline()
   if S.download then
     parts[#parts + 1] = ("%s setup %d%%"):format(icon, math.floor(tonumber(S.download.overall_percent) or 0))
   end
-  if S.playing and not running then
+  if S.radio then
+    local r = S.radio
+    local s = ("%s radio"):format(icon)
+    if r.state == "waiting" then
+      s = s .. " waiting"
+    elseif r.prompt then
+      s = s .. " ▶ " .. short(r.prompt, 24)
+    end
+    if radio_job and radio_job.status == "generating" then
+      s = s .. (" (next %d%%)"):format(math.floor(radio_job.percent or 0))
+    end
+    parts[#parts + 1] = s
+  elseif S.playing and not running then
     parts[#parts + 1] = ("%s ▶ %s"):format(icon, short(S.playing.label, 24))
   end
   return table.concat(parts, " ")
@@ -212,9 +251,10 @@ function M.state()
       total_steps = j.total_steps,
       eta_sec = j.eta_sec,
       fidget = j.fidget ~= nil,
+      radio = j.radio or false,
     }
   end
-  return { jobs = jobs, download = S.download, playing = S.playing }
+  return { jobs = jobs, download = S.download, playing = S.playing, radio = S.radio }
 end
 
 return M

@@ -1,0 +1,501 @@
+"""The radio: endless music from the daemon, one generated track after another.
+
+Methods (registered by `register(method)`, like lofi/daemon/setup.py):
+  radio_start {prompt?, prompts?, strategy?, duration_sec?, crossfade_sec?, wait_mode?, volume?,
+               seed?, ...generation params}   radio_stop {}   radio_skip {}   radio_status {}
+  radio_keep {track_id, keep?}
+Notifications: radio_track {track_id, path, index, prompt, seed, duration_sec, start_frame,
+crossfade_sec} when a track starts to sound, radio_state {state: playing|waiting|stopped, reason?}.
+
+The mix runs in a player process (lofi/mixer_process.py); this module is its controller, one
+thread reacting to the player's events and to the end of the radio's own generation jobs. One
+track is prefetched: it is requested when the current one reaches half its length, or earlier
+when the measured generation time says it would otherwise arrive after the crossfade point. Its
+job is queued at priority normal but behind every other normal job, so a user's own `generate`
+is served first. Radio tracks are ordinary cache entries; `radio_keep` pins one against eviction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from lofi.errors import INVALID_PARAMS, QUEUE_FULL, UNKNOWN_TRACK, LofiError
+from lofi.mix import WAIT_MODES
+from lofi.mixer_process import MixerProcess
+from lofi.params import GenerateParams
+from lofi.playback import PLAYBACK_FAILED, player_mode
+
+log = logging.getLogger("lofi.radio")
+
+PRESETS = (
+    "lofi hip hop, jazzy piano, vinyl crackle, mellow drums, 80 bpm",
+    "chillhop, warm rhodes, soft boom bap, rain ambience, 85 bpm",
+    "ambient lofi, dreamy pads, tape hiss, slow tempo, 70 bpm",
+    "lofi jazz, upright bass, brushed drums, muted trumpet, 90 bpm",
+    "lofi beats, nylon guitar, lazy swing, cassette warmth, 75 bpm",
+)
+STRATEGIES = ("same_prompt", "preset_cycle", "random_preset")
+# Strategies whose mode the engine does not have yet. `continue` will ask for an `extend` of the
+# current track's tail (a Strategy with crossfade=False); until then it is refused by name.
+PLANNED = {"continue": "strategy 'continue' needs ACE-Step's extend mode (audio input), which this "
+                       "daemon does not support yet; use same_prompt, preset_cycle or random_preset"}
+DEFAULT_DURATION = 120.0
+DEFAULT_CROSSFADE = 4.0
+MAX_FAILURES = 3  # generation failures in a row before the radio gives up
+RADIO_SEQ = 1 << 60  # queue order: behind every normal job a user sends, ahead of none
+EARLY_MARGIN = 1.25  # the estimated generation time is stretched by this before comparing
+
+_GEN = [f for f in GenerateParams.field_names() if f not in ("prompt", "duration_sec", "seed")]
+_TYPES = {f: ((bool,) if isinstance(getattr(GenerateParams, f, None), bool) else
+              (str,) if isinstance(getattr(GenerateParams, f, None), str) else
+              (int,) if f == "infer_steps" else (int, float)) for f in _GEN}
+SPEC = dict({f: (_TYPES[f], False) for f in _GEN},
+            prompt=((str,), False), prompts=((list,), False), strategy=((str,), False),
+            duration_sec=((int, float), False), crossfade_sec=((int, float), False),
+            wait_mode=((str,), False), volume=((int, float), False), seed=((int,), False))
+
+
+def _bad(name: str, message: str) -> LofiError:
+    return LofiError(INVALID_PARAMS, message, {"field": name})
+
+
+class Strategy:
+    """What each track is asked for. `continue` will subclass this: `request` returning the
+    extend-mode fields for the previous track's tail, and crossfade = False (the player then
+    butt-joins the tracks, which already flow into each other)."""
+    crossfade = True
+
+    def __init__(self, name: str, prompts: list[str]):
+        self.name, self.prompts = name, prompts
+        self._rng = random.Random(secrets.randbits(64))
+
+    def request(self, index: int, previous: "Entry | None") -> dict:
+        """GenerateParams fields of track `index` beyond the radio's shared ones."""
+        return {"prompt": self.prompt(index, previous.prompt if previous else None)}
+
+    def prompt(self, index: int, previous: str | None) -> str:
+        if self.name == "same_prompt":
+            return self.prompts[0]
+        if self.name == "preset_cycle":
+            return self.prompts[index % len(self.prompts)]
+        choices = [p for p in self.prompts if p != previous] or self.prompts
+        return self._rng.choice(choices)
+
+
+@dataclass
+class Entry:
+    index: int
+    prompt: str
+    seed: int
+    track_id: str = ""
+    path: str | None = None
+    token: str = ""
+    requested_at: float = 0.0
+    gen_sec: float | None = None
+    started_at: float | None = None
+    start_frame: int | None = None
+    kept: bool = False
+    job: object = field(default=None, repr=False)
+
+    def public(self) -> dict:
+        return {"track_id": self.track_id, "path": self.path, "index": self.index,
+                "prompt": self.prompt, "seed": self.seed, "kept": self.kept}
+
+
+def parse(params: dict) -> dict:
+    """radio_start's params -> a checked configuration (raises INVALID_PARAMS)."""
+    strategy = params.get("strategy", "same_prompt")
+    if strategy in PLANNED:
+        raise _bad("strategy", PLANNED[strategy])
+    if strategy not in STRATEGIES:
+        raise _bad("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    prompts = params.get("prompts")
+    if prompts is not None and (not prompts or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise _bad("prompts", "prompts must be a non-empty list of non-empty strings")
+    prompt = params.get("prompt")
+    if strategy == "same_prompt":
+        prompts = [prompt] if prompt is not None else (prompts[:1] if prompts else None)
+        if not prompts:
+            raise _bad("prompt", "strategy same_prompt needs a prompt")
+    else:
+        prompts = list(prompts or ([prompt] if prompt else []) or PRESETS)
+    crossfade = float(params.get("crossfade_sec", DEFAULT_CROSSFADE))
+    duration = float(params.get("duration_sec", DEFAULT_DURATION))
+    if not 0 <= crossfade <= 30:
+        raise _bad("crossfade_sec", f"crossfade_sec must be from 0 to 30, got {crossfade:g}")
+    if crossfade > duration / 2:
+        raise _bad("crossfade_sec", f"crossfade_sec ({crossfade:g}) must be at most half of "
+                   f"duration_sec ({duration:g})")
+    wait_mode = params.get("wait_mode", "loop")
+    if wait_mode not in WAIT_MODES:
+        raise _bad("wait_mode", f"wait_mode must be one of {', '.join(WAIT_MODES)}, got {wait_mode!r}")
+    base = {f: params[f] for f in _GEN if f in params}
+    seed = params.get("seed")
+    for p in prompts:  # every generation parameter is checked now, not at the third track
+        GenerateParams(prompt=p, duration_sec=duration, seed=seed, **base).validate()
+    return {"strategy": Strategy(strategy, prompts), "crossfade_sec": crossfade,
+            "duration_sec": duration, "wait_mode": wait_mode, "base": base, "seed": seed}
+
+
+class Radio:
+    def __init__(self, d, cfg: dict, volume: float):
+        self.d = d
+        self.cfg = cfg
+        self.strategy: Strategy = cfg["strategy"]
+        self.state = "waiting"
+        self.reason: str | None = "starting"
+        self.index = 0  # of the next track to request
+        self.pending: Entry | None = None  # requested, not finished
+        self.ready: Entry | None = None  # in the player's queue
+        self.current: Entry | None = None
+        self.request_at: float | None = time.monotonic()
+        self.failures = 0
+        self.paused_at: float | None = None
+        self.last_gen_sec: float | None = None
+        self.history: list[Entry] = getattr(d, "radio_history", [])
+        d.radio_history = self.history
+        self._inbox: list[tuple] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._lock = threading.RLock()  # state shared with the method handlers
+        mode = player_mode()
+        if mode not in ("auto", "miniaudio", "null"):
+            raise LofiError(PLAYBACK_FAILED, f"the radio mixes its crossfades itself and needs "
+                            f"miniaudio; LOFI_PLAYER={mode} plays through an external program")
+        self.mixer = MixerProcess(
+            "null" if mode == "null" else "auto",
+            cfg["crossfade_sec"] if self.strategy.crossfade else 0.0, cfg["wait_mode"], volume,
+            on_event=lambda msg: self._post("player", msg))
+        self.player_name = f"miniaudio ({self.mixer.backend})"
+        self.thread = threading.Thread(target=self._run, name="lofi-radio", daemon=True)
+
+    # -- inputs from other threads ------------------------------------------------------------
+    def _post(self, kind: str, payload) -> None:
+        with self._cv:
+            self._inbox.append((kind, payload))
+            self._cv.notify()
+
+    def on_notify(self, method: str, params: dict) -> None:
+        """Listener on every daemon notification: picks out the end of the radio's job."""
+        if method in ("generation_complete", "generation_error", "generation_cancelled"):
+            p = self.pending
+            if p is not None and params.get("track_id") == p.track_id:
+                self._post("job", (method, params))
+
+    # -- the controller thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self._stopped:
+                    due = self.request_at
+                    if (due is not None and self.pending is None and self.ready is None
+                            and self.paused_at is None):
+                        left = due - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+                    else:
+                        self._cv.wait()
+                if self._stopped:
+                    return
+                inbox, self._inbox = self._inbox, []
+            with self._lock:
+                for kind, payload in inbox:
+                    if kind == "wake":
+                        continue
+                    try:
+                        (self._on_player if kind == "player" else self._on_job)(payload)
+                    except Exception:
+                        log.exception("radio: handling %s %s failed", kind, payload)
+                if self._stopped:
+                    return
+                if (self.request_at is not None and self.pending is None and self.ready is None
+                        and self.paused_at is None and time.monotonic() >= self.request_at):
+                    self.request_at = None
+                    try:
+                        self._request()
+                    except LofiError as e:  # no engine, a strategy's bad fields: try again, then stop
+                        self._failed(e.message)
+                    except Exception as e:
+                        log.exception("radio: requesting a track failed")
+                        self._failed(f"{type(e).__name__}: {e}")
+
+    def _request(self) -> None:
+        """Ask for the next track: straight from the cache if it exists, else a queued job."""
+        from lofi.daemon.jobs import Job
+
+        d, i = self.d, self.index
+        fields = self.strategy.request(i, self.current or (self.history[-1] if self.history else None))
+        seed = (self.cfg["seed"] + i) % 2**32 if self.cfg["seed"] is not None else secrets.randbits(32)
+        e = Entry(i, fields["prompt"], seed, requested_at=time.monotonic())
+        gp = GenerateParams(duration_sec=self.cfg["duration_sec"], seed=seed,
+                            **dict(self.cfg["base"], **fields)).validate()
+        for k in ("duration_sec", "guidance_scale", "omega_scale", "guidance_interval",
+                  "guidance_interval_decay", "min_guidance_scale"):
+            setattr(gp, k, float(getattr(gp, k)))  # the generate method's spelling of the same track
+        engine, precision = d.backends.identity()
+        e.track_id = gp.track_id(engine, precision)
+        e.token = f"{i}:{e.track_id}"
+        self.index += 1
+        cached = d.cache.lookup(e.track_id, touch=True)
+        if cached is not None:
+            self.pending = e
+            self._on_job(("generation_complete", {"track_id": e.track_id, "path": str(cached.audio),
+                                                  "generation_time_sec": 0.0}))
+            return
+        try:
+            d.backends.require_ready(d.backends.current)
+            job = Job(e.track_id, gp, "normal", d.backends.current, engine, precision,
+                      RADIO_SEQ + d.queue.next_seq())
+            e.job, _, _ = d.queue.submit(job, d.estimator)
+        except LofiError as err:
+            self.index -= 1
+            retry = err.code == QUEUE_FULL
+            self._failed(err.message, retry_in=2.0 if retry else None)
+            return
+        self.pending = e
+        e.job.announced.set()  # no response to wait for: the worker may start it now
+        log.info("radio: requested track %d (%s, seed %d)", i, e.track_id, seed)
+
+    def _on_job(self, ev) -> None:
+        method, params = ev
+        e = self.pending
+        if e is None or params.get("track_id") != e.track_id:
+            return
+        self.pending = None
+        if method != "generation_complete":
+            self._failed(params.get("message") or "the radio's track was cancelled")
+            return
+        self.failures = 0
+        e.path = params["path"]
+        e.gen_sec = time.monotonic() - e.requested_at
+        if params.get("generation_time_sec"):
+            self.last_gen_sec = e.gen_sec
+        self.ready = e
+        self.mixer.send("queue", token=e.token, path=e.path)
+
+    def _failed(self, message: str, retry_in: float | None = None) -> None:
+        if retry_in is None:
+            self.failures += 1
+            log.warning("radio: track failed (%d in a row): %s", self.failures, message)
+            if self.failures >= MAX_FAILURES:
+                self.stop(f"{self.failures} tracks in a row failed: {message}")
+                return
+        self.request_at = time.monotonic() + (retry_in or 0.0)
+        if self.current is None or self.state == "waiting":
+            self._set_state("waiting", message)
+
+    def _on_player(self, msg: dict) -> None:
+        ev = msg.get("ev")
+        if ev == "exited":
+            if not self._stopped:
+                self.stop("the player process exited")
+        elif ev == "load_error":
+            if self.ready is not None and self.ready.token == msg.get("token"):
+                self.ready = None
+                self._failed(f"cannot play the track: {msg.get('message')}")
+        elif ev == "started":
+            e = self.ready
+            if e is None or e.token != msg.get("token"):
+                return
+            self.ready, self.current = None, e
+            e.started_at, e.start_frame = time.monotonic(), msg.get("frame")
+            self.history.append(e)
+            del self.history[:-100]
+            self.request_at = e.started_at + self._prefetch_delay()
+            self.d.notify("radio_track", dict(e.public(), duration_sec=self.cfg["duration_sec"],
+                                              start_frame=e.start_frame,
+                                              crossfade_sec=self.cfg["crossfade_sec"]))
+            self._set_state("playing")
+        elif ev == "underrun":
+            log.warning("radio: underrun at %.2f s of output, %.0f ms late",
+                        msg.get("frame", 0) / 48000, msg.get("late_ms", 0))
+        elif ev == "waiting":
+            self._set_state("waiting", "the next track is not ready yet")
+            if self.pending is None and self.ready is None and self.request_at is None:
+                self.request_at = time.monotonic()
+
+    def _prefetch_delay(self) -> float:
+        """Seconds after a track starts to request the next: half the track, or earlier when the
+        next would otherwise be ready after this one's crossfade point."""
+        dur, xf = self.cfg["duration_sec"], self.cfg["crossfade_sec"]
+        est = [self.last_gen_sec]
+        try:
+            gp = GenerateParams(prompt="x", duration_sec=dur, **self.cfg["base"])
+            est.append(self.d.estimator.total(gp))
+            running, pending = self.d.queue.snapshot()
+            est.append((self.d.estimator.queue_wait(running, pending) or 0.0) + (est[-1] or 0.0))
+        except Exception:
+            pass
+        lead = max((x for x in est if x is not None), default=0.0) * EARLY_MARGIN
+        return max(0.0, min(dur / 2, dur - xf - lead))
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        if state == self.state and reason == self.reason:
+            return
+        self.state, self.reason = state, reason
+        payload = {"state": state, "index": self.current.index if self.current else None,
+                   "track_id": self.current.track_id if self.current else None}
+        if reason:
+            payload["reason"] = reason
+        self.d.notify("radio_state", payload)
+
+    # -- called by the method handlers -----------------------------------------------------------
+    def start(self) -> None:
+        self.d.listeners.append(self.on_notify)
+        self._set_state("waiting", "generating the first track")  # before any generation_start
+        self.thread.start()
+
+    def skip(self) -> dict:
+        with self._lock:
+            self.mixer.send("skip")
+            if self.ready is None:
+                self._set_state("waiting", "skipping: the next track is not ready yet")
+                if self.pending is None:
+                    self.request_at = time.monotonic()
+                    self._post("wake", None)
+            return {"skipped": True, "next_ready": self.ready is not None,
+                    "next": self.ready.public() if self.ready else None}
+
+    def pause(self) -> dict:
+        with self._lock:
+            if self.paused_at is not None:
+                return {"paused": False, "state": "paused"}
+            self.mixer.send("pause")
+            self.paused_at = time.monotonic()
+            return {"paused": True, "state": "paused", "radio": True}
+
+    def resume(self) -> dict:
+        with self._lock:
+            if self.paused_at is None:
+                return {"resumed": False, "state": "playing"}
+            self.mixer.send("resume")
+            held, self.paused_at = time.monotonic() - self.paused_at, None
+            if self.current is not None:  # the clock of the track stood still
+                self.current.started_at += held
+            if self.request_at is not None and self.pending is None and self.ready is None:
+                self.request_at += held
+            self._post("wake", None)
+            return {"resumed": True, "state": "playing", "radio": True}
+
+    def stop(self, reason: str = "stopped") -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            job = self.pending.job if self.pending is not None else None
+            self.pending = None
+        try:
+            self.d.listeners.remove(self.on_notify)
+        except ValueError:
+            pass
+        if job is not None:
+            _cancel(self.d, job)
+        self.mixer.close()
+        with self._cv:
+            self._cv.notify()
+        if getattr(self.d, "radio", None) is self:
+            self.d.radio = None
+        self.state, self.reason = "stopped", reason
+        self.d.notify("radio_state", {"state": "stopped", "reason": reason})
+
+    def status(self) -> dict:
+        with self._lock:
+            now = time.monotonic()
+            cur = self.current
+            nxt = self.ready or self.pending
+            out = {"state": self.state, "reason": self.reason, "strategy": self.strategy.name,
+                   "prompts": self.strategy.prompts, "duration_sec": self.cfg["duration_sec"],
+                   "crossfade_sec": self.cfg["crossfade_sec"], "wait_mode": self.cfg["wait_mode"],
+                   "player": self.player_name, "player_pid": self.mixer.proc.pid,
+                   "underruns": self.mixer.stats.get("underruns"),
+                   "min_margin_ms": self.mixer.stats.get("min_margin_ms"),
+                   "current": None, "next": None, "next_request_in_sec": None}
+            if cur is not None:
+                at = self.paused_at or now
+                out["current"] = dict(cur.public(), position_sec=round(at - cur.started_at, 3))
+            out["paused"] = self.paused_at is not None
+            if nxt is not None:
+                out["next"] = dict(nxt.public(), status="ready" if nxt is self.ready else "generating")
+            if self.request_at is not None and nxt is None:
+                out["next_request_in_sec"] = round(max(0.0, self.request_at - now), 3)
+            return out
+
+
+def _cancel(d, job) -> None:
+    from lofi.daemon.jobs import cancelled_payload
+
+    with job.lock:
+        if job.outcome is not None:
+            return
+        if d.queue.remove(job):
+            d.finish(job, "cancelled", cancelled_payload(job))
+        else:
+            job.cancel_requested.set()
+
+
+def _history(d) -> list[dict]:
+    out = []
+    for e in reversed(getattr(d, "radio_history", [])):
+        t = d.cache.lookup(e.track_id)
+        e.kept = bool(t is not None and t.meta.get("pinned"))
+        out.append(dict(e.public(), cached=t is not None))
+    return out
+
+
+def register(method) -> None:
+    @method("radio_start", SPEC)
+    def radio_start(d, params, call):
+        cfg = parse(params)
+        d.backends.require_ready(d.backends.current)
+        old = getattr(d, "radio", None)
+        if old is not None:
+            old.stop("replaced")
+        player = getattr(d, "player", None)
+        volume = params.get("volume", player.volume if player is not None else 80.0)
+        if isinstance(volume, bool) or not 0 <= volume <= 100:
+            raise _bad("volume", f"volume must be a number from 0 to 100, got {volume!r}")
+        if player is not None:
+            player.stop()  # one thing sounds at a time
+        d.radio = Radio(d, cfg, float(volume))
+        call.after_send(d.radio.start)
+        if not getattr(d, "radio_stops_with_daemon", False):
+            d.radio_stops_with_daemon = True
+            d.on_stop.append(lambda: d.radio and d.radio.stop("daemon stopping"))
+        return {"started": True, "strategy": cfg["strategy"].name, "prompts": cfg["strategy"].prompts,
+                "duration_sec": cfg["duration_sec"], "crossfade_sec": cfg["crossfade_sec"],
+                "wait_mode": cfg["wait_mode"], "player": d.radio.player_name}
+
+    @method("radio_stop")
+    def radio_stop(d, params, call):
+        r = getattr(d, "radio", None)
+        if r is None:
+            return {"stopped": False}
+        call.after_send(r.stop)
+        return {"stopped": True}
+
+    @method("radio_skip")
+    def radio_skip(d, params, call):
+        r = getattr(d, "radio", None)
+        if r is None:
+            raise LofiError(PLAYBACK_FAILED, "the radio is not playing; start it with radio_start")
+        return r.skip()
+
+    @method("radio_status")
+    def radio_status(d, params, call):
+        r = getattr(d, "radio", None)
+        out = r.status() if r is not None else {"state": "stopped"}
+        out["history"] = _history(d)
+        return out
+
+    @method("radio_keep", {"track_id": ((str,), True), "keep": ((bool,), False)})
+    def radio_keep(d, params, call):
+        tid, keep = params["track_id"], params.get("keep", True)
+        if d.cache.pin(tid, keep) is None:
+            raise LofiError(UNKNOWN_TRACK, f"no cached track {tid}", {"track_id": tid})
+        return {"track_id": tid, "kept": keep}
