@@ -39,12 +39,16 @@ def _rss_now_bytes() -> int:
 def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     """One generation through the real pipeline; stages timed from its progress reports, network
     loads from the engine's own counters, and the daemon's ETA estimator followed step by step."""
+    from lofi.daemon.backends import model_id
     from lofi.daemon.jobs import Job, ProgressTracker
+    from lofi.progress import model_key
 
     engine = pipeline.engine
     engine.load_times.clear()
     job = Job("bench", params, "normal", "ace-step", engine.name, engine.precision, 0)
     tracker = ProgressTracker(job, estimator, send=lambda *a: None, clock=time.monotonic)
+    tracker.clock_of_job.key = model_key("ace-step", engine.name, engine.device, engine.precision,
+                                         model_id(pipeline.checkpoint))
     events = []  # (time, stage, step, eta)
     stage_peak = {}  # engine memory peak per stage (the engine's own counter, reset at each stage)
 
@@ -66,7 +70,7 @@ def one_run(pipeline, params: GenerateParams, out_dir: Path, estimator) -> dict:
     info = pipeline.generate(params, out_dir / "bench.wav", progress=progress)
     end = time.monotonic()
     close_stage()
-    estimator.learn(params, *tracker.timings(end))
+    estimator.learn(tracker.clock_of_job.key, params.duration_sec, tracker.clock_of_job.segments(end))
 
     firsts = {}
     for t, stage, _, _ in events:
