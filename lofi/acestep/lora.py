@@ -41,8 +41,11 @@ def resolve_lora(spec: str, root: Path | None = None) -> LoraRef:
         candidates.append(Path(root) / spec / LORA_FILE)
     candidates += [p / LORA_FILE, p] if p.suffix != ".safetensors" else [p]
     for c in candidates:
-        if c.is_file():
-            return LoraRef(spec, c, _sha256(c))
+        try:  # a name too long or not encodable for the filesystem is simply not there
+            if c.is_file():
+                return LoraRef(spec, c, _sha256(c))
+        except (OSError, ValueError):
+            continue
     where = f" (looked in {Path(root) / spec})" if root is not None else ""
     _bad(f"no adapter {spec!r}: expected a folder holding {LORA_FILE} or the file itself{where}")
 
