@@ -150,6 +150,9 @@ def test_vocoder_in_time_tiles_equals_the_whole_run(engine):
 
 
 def test_dcae_decoder_halves_are_the_decoder():
+    import torch
+
+    from convert.torch_port import dcae
     lat = np.random.default_rng(6).standard_normal((1, 8, 16, 11)).astype(np.float32)
     cfg, raw = load_component(CHECKPOINT, "dcae")
     low = dcae.from_weights(cfg, raw, "decoder", module=dcae.DCAEDecodeLow)

@@ -105,7 +105,7 @@ def test_onnx_cpu_install_sets_up_and_generates_without_torch(tmp_path):
 
         out = tmp_path / "track.wav"
         r = lofi("generate", "--prompt", "lofi piano, rain", "--duration", "5", "--steps", "2",
-                 "--seed", "7", "--quiet", "--out", str(out))
+                 "--seed", "7", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (user / ".cache" / "lofi").exists()  # graphs live under LOFI_HOME only
     assert "onnx/cpu/fp32" in r.stderr and "building" not in r.stderr

@@ -242,7 +242,9 @@ def test_no_underruns_while_the_tiny_model_generates(tmp_path):
             time.sleep(0.05)
         st = d.call("radio_status")
         ran = True if sum(busy) >= len(busy) / 2 else None  # generating most of the stretch
-        d.call("cancel", {"track_id": busy["track_id"]})
+        running = d.call("status")["running"]
+        if isinstance(running, dict) and running.get("track_id"):
+            d.call("cancel", {"track_id": running["track_id"]})
     assert ran is not None, "the model was not generating during the stretch"
     assert st["underruns"] == 0 and st["state"] in ("playing", "waiting")
     assert np.percentile(lat, 95) < 0.1, f"ping p95 {np.percentile(lat, 95) * 1000:.0f} ms"
