@@ -13,16 +13,22 @@ from lofi.params import CFG_TYPES, FORMATS, PRECISIONS, SCHEDULERS, GeneratePara
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lofi", description="Local AI music with ACE-Step v1.")
+    ap = argparse.ArgumentParser(prog="lofi", description="Local AI music with ACE-Step v1 or MusicGen.")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one track to a file")
+    g.add_argument("--backend", default=os.environ.get("LOFI_BACKEND", "ace-step"),
+                   choices=("ace-step", "musicgen"), help="model family (default ace-step)")
     g.add_argument("--prompt", required=True, help="style tags, e.g. 'lofi hip hop, jazzy piano'")
-    g.add_argument("--duration", type=float, required=True, help="seconds, 5-240")
-    g.add_argument("--steps", type=int, default=27, help="diffusion steps (default 27)")
-    g.add_argument("--scheduler", default="euler", help="|".join(SCHEDULERS))
-    g.add_argument("--cfg-type", default="apg", help="|".join(CFG_TYPES))
-    g.add_argument("--guidance", type=float, default=15.0, help="guidance scale (default 15)")
-    g.add_argument("--omega", type=float, default=10.0, help="omega (granularity) scale")
+    g.add_argument("--duration", type=float, required=True, help="seconds: 5-240 (musicgen 5-120)")
+    # None = not given: a backend refuses the other backend's parameters by name
+    g.add_argument("--steps", type=int, default=None, help="ace-step: diffusion steps (default 27)")
+    g.add_argument("--scheduler", default=None, help="ace-step: " + "|".join(SCHEDULERS))
+    g.add_argument("--cfg-type", default=None, help="ace-step: " + "|".join(CFG_TYPES))
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: ace-step 15, musicgen 3 or the checkpoint's)")
+    g.add_argument("--omega", type=float, default=None, help="ace-step: omega (granularity) scale")
+    g.add_argument("--top-k", type=int, default=None, help="musicgen: top-k sampling (default 250)")
+    g.add_argument("--temperature", type=float, default=None, help="musicgen: sampling temperature")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS)
     g.add_argument("--engine", default=os.environ.get("LOFI_ENGINE", "auto"),
@@ -30,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"),
                    choices=("auto", "cpu", "gpu"))
     g.add_argument("--checkpoint", type=Path, default=None,
-                   help="ACE-Step folder in the Hugging Face layout (default: $LOFI_HOME/ace-step)")
+                   help="model folder in the Hugging Face layout (default: $LOFI_HOME/<backend>)")
     g.add_argument("--format", default=None, choices=FORMATS, help="default: from --out's suffix")
     g.add_argument("--keep-loaded", action="store_true", help="keep every network resident")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def default_checkpoint() -> Path:
+def default_checkpoint(backend: str = "ace-step") -> Path:
     from lofi.settings import default_home
     home = os.environ.get("LOFI_HOME")
-    return (Path(home) if home else default_home()) / "ace-step"
+    return (Path(home) if home else default_home()) / backend
 
 
 class ProgressBar:
@@ -75,13 +81,37 @@ class ProgressBar:
         self.stream.write(msg + "\n")
 
 
+_FLAGS = {"infer_steps": "--steps", "scheduler": "--scheduler", "cfg_type": "--cfg-type",
+          "omega_scale": "--omega", "guidance_scale": "--guidance", "top_k": "--top-k",
+          "temperature": "--temperature"}
+
+
+def _given(args) -> dict:
+    vals = {"infer_steps": args.steps, "scheduler": args.scheduler, "cfg_type": args.cfg_type,
+            "omega_scale": args.omega, "guidance_scale": args.guidance, "top_k": args.top_k,
+            "temperature": args.temperature}
+    return {k: v for k, v in vals.items() if v is not None}
+
+
+def _refuse_foreign(backend: str, given: dict) -> None:
+    from lofi.musicgen.params import foreign_params
+    bad = foreign_params(backend, given)
+    if bad:
+        other = "ACE-Step" if backend == "musicgen" else "MusicGen"
+        raise LofiError("INVALID_PARAMS", f"{', '.join(_FLAGS[k] for k in bad)}: {other}-only, "
+                        f"not accepted with --backend {backend}")
+
+
 def cmd_generate(args) -> int:
     fmt = args.format or (args.out.suffix.lstrip(".").lower() or "wav")
     if fmt not in FORMATS:
         raise LofiError("INVALID_PARAMS", f"--out: unsupported format {fmt!r}; use .wav or .flac")
-    params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, infer_steps=args.steps,
-                            guidance_scale=args.guidance, scheduler=args.scheduler,
-                            cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed)
+    given = _given(args)
+    _refuse_foreign(args.backend, given)
+    if args.backend == "musicgen":
+        from lofi.cli_musicgen import generate_musicgen
+        return generate_musicgen(args, given, fmt, ProgressBar)
+    params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, seed=args.seed, **given)
     params.validate()
     from lofi.acestep.pipeline import check_model
     ckpt = args.checkpoint or default_checkpoint()

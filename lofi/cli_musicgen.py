@@ -1,0 +1,47 @@
+"""`lofi generate --backend musicgen`: the MusicGen path of the command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lofi.errors import MODEL_NOT_FOUND, LofiError
+
+
+def check_musicgen(ckpt) -> None:
+    """Refuse a missing or damaged MusicGen folder before any network loads."""
+    from lofi.checkpoint import read_header, weight_files
+    from lofi.musicgen.configs import load_config
+    if not ckpt.is_dir():
+        raise LofiError(MODEL_NOT_FOUND, f"MusicGen checkpoint not found: {ckpt} "
+                        "(run `lofi setup musicgen`)")
+    load_config(ckpt)
+    if not (ckpt / "tokenizer.json").is_file():
+        raise LofiError(MODEL_NOT_FOUND, f"missing {ckpt / 'tokenizer.json'}")
+    for f in weight_files(ckpt):
+        read_header(f)
+
+
+def generate_musicgen(args, given: dict, fmt: str, progress_bar) -> int:
+    from lofi.musicgen.params import MusicgenParams
+    params = MusicgenParams(prompt=args.prompt, duration_sec=args.duration, seed=args.seed,
+                            **{k: v for k, v in given.items()
+                               if k in ("guidance_scale", "top_k", "temperature")}).validate()
+    from lofi.cli import default_checkpoint
+    ckpt = args.checkpoint or default_checkpoint("musicgen")
+    check_musicgen(ckpt)
+    if not args.out.parent.is_dir():
+        raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")
+    from lofi.engines import create_engine
+    from lofi.musicgen.pipeline import MusicgenPipeline
+    engine = create_engine(ckpt, args.engine, args.precision, args.device,
+                           keep_loaded=args.keep_loaded, backend="musicgen")
+    bar = progress_bar(enabled=not args.quiet and sys.stderr.isatty()
+                       or os.environ.get("LOFI_PROGRESS") == "1")
+    info = MusicgenPipeline(ckpt, engine).generate(params, args.out, fmt=fmt, progress=bar)
+    rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)
+    bar.done(f"wrote {info['path']} ({info['duration_sec']:.2f} s, {info['sample_rate']} Hz stereo, "
+             f"MusicGen, seed {info['seed']}, {info['frames']} frames, "
+             f"{info['generation_time_sec']:.1f} s, {rtf:.2f}x real time, "
+             f"{info['engine']}/{info['device']}/{info['precision']})")
+    return 0
