@@ -110,7 +110,8 @@ def cmd_generate(args) -> int:
     _refuse_foreign(args.backend, given)
     if args.backend == "musicgen":
         from lofi.cli_musicgen import generate_musicgen
-        return generate_musicgen(args, given, fmt, ProgressBar)
+        return generate_musicgen(args, given, fmt, ProgressBar,
+                                 args.checkpoint or default_checkpoint("musicgen"))
     params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, seed=args.seed, **given)
     params.validate()
     from lofi.acestep.pipeline import check_model

@@ -22,13 +22,11 @@ def check_musicgen(ckpt) -> None:
         read_header(f)
 
 
-def generate_musicgen(args, given: dict, fmt: str, progress_bar) -> int:
+def generate_musicgen(args, given: dict, fmt: str, progress_bar, ckpt) -> int:
     from lofi.musicgen.params import MusicgenParams
     params = MusicgenParams(prompt=args.prompt, duration_sec=args.duration, seed=args.seed,
                             **{k: v for k, v in given.items()
                                if k in ("guidance_scale", "top_k", "temperature")}).validate()
-    from lofi.cli import default_checkpoint
-    ckpt = args.checkpoint or default_checkpoint("musicgen")
     check_musicgen(ckpt)
     if not args.out.parent.is_dir():
         raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")

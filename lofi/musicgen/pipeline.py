@@ -112,7 +112,8 @@ class MusicgenPipeline:
         return wave
 
     def generate(self, params: MusicgenParams, out_path: str | Path, fmt: str = "wav",
-                 progress: Callable | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+                 progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
+                 on_window: Callable | None = None) -> dict:
         from lofi.audio import finalize, resample, write_audio
 
         params.validate()
@@ -120,7 +121,7 @@ class MusicgenPipeline:
             params.seed = secrets.randbits(32)
         report = progress or (lambda *a: None)
         t0 = time.perf_counter()
-        codes = self.codes(params, progress, cancel)
+        codes = self.codes(params, progress, cancel, on_window)
         t1 = time.perf_counter()
         if cancel is not None and cancel():
             raise Cancelled()
