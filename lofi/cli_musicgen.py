@@ -5,21 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lofi.errors import MODEL_NOT_FOUND, LofiError
-
-
-def check_musicgen(ckpt) -> None:
-    """Refuse a missing or damaged MusicGen folder before any network loads."""
-    from lofi.checkpoint import read_header, weight_files
-    from lofi.musicgen.configs import load_config
-    if not ckpt.is_dir():
-        raise LofiError(MODEL_NOT_FOUND, f"MusicGen checkpoint not found: {ckpt} "
-                        "(run `lofi setup musicgen`)")
-    load_config(ckpt)
-    if not (ckpt / "tokenizer.json").is_file():
-        raise LofiError(MODEL_NOT_FOUND, f"missing {ckpt / 'tokenizer.json'}")
-    for f in weight_files(ckpt):
-        read_header(f)
+from lofi.errors import LofiError
 
 
 def generate_musicgen(args, given: dict, fmt: str, progress_bar, ckpt) -> int:
@@ -27,7 +13,8 @@ def generate_musicgen(args, given: dict, fmt: str, progress_bar, ckpt) -> int:
     params = MusicgenParams(prompt=args.prompt, duration_sec=args.duration, seed=args.seed,
                             **{k: v for k, v in given.items()
                                if k in ("guidance_scale", "top_k", "temperature")}).validate()
-    check_musicgen(ckpt)
+    from lofi.musicgen.hub import check_local
+    check_local(ckpt)  # a missing or damaged folder is refused before any network loads
     if not args.out.parent.is_dir():
         raise LofiError("INVALID_PARAMS", f"--out: folder {args.out.parent} does not exist")
     from lofi.engines import create_engine

@@ -250,7 +250,7 @@ class ProgressTracker:
                 job.total_steps = total
             if step is not None:
                 job.step = step
-            if stage == "diffusion":
+            if stage in ("diffusion", "sampling"):  # ACE-Step's steps, MusicGen's token steps
                 self._diffusion(now, step, fraction)
             elif self.diffusion_start is not None and self.diffusion_end is None:
                 self.diffusion_end = now
@@ -367,7 +367,7 @@ class Worker(threading.Thread):
         if self.pipeline is None:
             self.d.backends.require_ready(backend)
             try:
-                self.pipeline = backends.open_pipeline(self.d.settings)
+                self.pipeline = backends.open_pipeline(self.d.settings, backend)
             except LofiError:
                 raise
             except MemoryError as e:
@@ -424,7 +424,8 @@ class Worker(threading.Thread):
                 track = d.cache.commit(job.track_id, staged, sidecar(job, info, end - job.started,
                                                                         d.settings.format))
                 self._end(job, "complete", complete_payload(track, cached=False))
-            d.estimator.learn(job.params, *tracker.timings(end))
+            if job.backend == "ace-step":  # the estimator's units are diffusion steps
+                d.estimator.learn(job.params, *tracker.timings(end))
         except Cancelled:
             failure = "cancelled", cancelled_payload(job)
         except LofiError as e:

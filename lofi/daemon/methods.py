@@ -24,6 +24,7 @@ from lofi import __version__
 from lofi.errors import (INVALID_DURATION, INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED,
                       MODEL_NOT_FOUND, QUEUE_FULL, UNKNOWN_TRACK, LofiError)
 from lofi.params import GenerateParams
+from lofi.daemon import backends
 from lofi.daemon.jobs import PRIORITIES, Job, cancelled_payload, complete_payload
 from lofi.daemon.transport import MAX_LINE, Oversized
 
@@ -182,15 +183,16 @@ def _handle_one(daemon, msg, call: Call) -> dict | None:
 # -- methods -----------------------------------------------------------------------------------
 
 _GEN_FIELDS = GenerateParams.field_names()
-_FLOAT_FIELDS = [f for f in _GEN_FIELDS if isinstance(getattr(GenerateParams, f, None), float)]
 
 
 @method("generate", checks_own_params=True)
 def generate(d, params: dict, call: Call) -> dict:
+    from lofi.musicgen.params import MusicgenParams
+    fields = _GEN_FIELDS + [f for f in MusicgenParams.field_names() if f not in _GEN_FIELDS]
     for k in params:
-        if k not in _GEN_FIELDS and k not in ("priority", "backend"):
+        if k not in fields and k not in ("priority", "backend"):
             raise bad_param(k, f"unknown parameter {k!r} (accepted: "
-                            f"{', '.join(_GEN_FIELDS + ['priority', 'backend'])})")
+                            f"{', '.join(fields + ['priority', 'backend'])})")
     for k in ("prompt", "duration_sec"):
         if k not in params:
             raise bad_param(k, f"missing required parameter {k!r}")
@@ -200,13 +202,12 @@ def generate(d, params: dict, call: Call) -> dict:
     backend = d.backends.check_name(params.get("backend", d.backends.current))
     if backend != "ace-step":  # the cache holds ACE-Step tracks only
         d.backends.require_ready(backend)
-    gp = GenerateParams(**{k: params[k] for k in _GEN_FIELDS if k in params}).validate()
-    for k in _FLOAT_FIELDS + ["duration_sec"]:  # 15 and 15.0 are the same track
-        setattr(gp, k, float(getattr(gp, k)))
+    # each backend its own request; the other backend's parameters are refused by name
+    gp = backends.build_params(backend, {k: params[k] for k in fields if k in params})
     explicit_seed = gp.seed is not None
     if not explicit_seed:
         gp.seed = secrets.randbits(32)
-    engine, precision = d.backends.identity()
+    engine, precision = d.backends.identity(backend)
     track_id = gp.track_id(engine, precision)
     if explicit_seed:
         track = d.cache.lookup(track_id, touch=True)
@@ -295,7 +296,7 @@ def get_backends(d, params: dict, call: Call) -> dict:
 def set_backend(d, params: dict, call: Call) -> dict:
     name = d.backends.check_name(params["backend"])
     state, message, _ = d.backends.state(name)
-    if name == "musicgen":
+    if name == "musicgen" and state == "not_installed":  # nothing to switch to before its setup
         raise LofiError(MODEL_NOT_FOUND, message, {"backend": name, "state": state})
     previous, d.backends.current = d.backends.current, name
     if previous != name:

@@ -26,6 +26,16 @@ class MusicgenParams:
     top_k: int | None = None              # None: 250 unless the generation config says otherwise
     temperature: float = 1.0
 
+    # what the daemon's job view and progress show as steps: one per decoder call
+    scheduler = "tokens"
+
+    @property
+    def infer_steps(self) -> int:
+        from lofi.musicgen.windows import CONTEXT_SEC, WINDOW_SEC, plan, total_frames
+        frames = total_frames(float(self.duration_sec), 50)
+        wins = plan(frames, int(WINDOW_SEC * 50), int(CONTEXT_SEC * 50))
+        return sum(w.new + 3 for w in wins)  # musicgen-small: 50 frames/s, 4 codebooks
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
