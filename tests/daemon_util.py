@@ -257,5 +257,5 @@ def fake_main():
     from lofi.daemon.__main__ import main
 
     step = float(os.environ["FAKE_STEP_SEC"])
-    backends.open_pipeline = lambda settings: FakePipeline(step)
+    backends.open_pipeline = lambda settings, backend="ace-step": FakePipeline(step)
     sys.exit(main(sys.argv[1:]))
