@@ -70,3 +70,28 @@ def spec(repo: str | None = None) -> ModelSpec:
 
 
 MUSICGEN = spec(REPO_ID)
+
+
+# -- the licence consent, remembered in the setup state ---------------------------------------
+
+def license_notice(s: ModelSpec = MUSICGEN) -> str:
+    name, url, card = s.license
+    return (f"The {s.title} weights ({s.repo_id}) are licensed {name}: non-commercial use only.\n"
+            f"  licence: {url}\n  model card: {card.rsplit('/', 2)[0]}/{s.repo_id}")
+
+
+def license_accepted(root) -> bool:
+    from lofi.hub.files import load_state
+    st = load_state(root) or {}
+    return (st.get("license_accepted") or {}).get("license") == LICENSE[0]
+
+
+def accept_license(root, s: ModelSpec = MUSICGEN) -> None:
+    """Record the explicit yes in the setup state (kept by every later setup run)."""
+    import time
+    from lofi.hub.files import load_state, save_state
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    st = load_state(root) or {"files": {}, "complete": False, "removed": [], "damaged": []}
+    st["license_accepted"] = {"license": LICENSE[0], "repo": s.repo_id, "at": time.time()}
+    save_state(root, st)
