@@ -101,3 +101,32 @@ def test_licence_accepted_at_the_prompt(hub, tmp_path, monkeypatch, capsys):
     assert rc == 0, err
     assert "Accept the CC-BY-NC-4.0 licence?" in err and "Proceed?" in err
     assert (home / "musicgen" / "model.safetensors").is_file()
+
+
+def test_daemon_setup_musicgen_needs_the_licence(hub, tmp_path):
+    import time
+    from lofi.errors import LofiError
+    from lofi.musicgen.hub import license_accepted
+    from tests.test_setup import FakeCall, FakeDaemon
+    from lofi.daemon import setup as daemon_setup
+    home = tmp_path / "lofi"
+    d = FakeDaemon(home)
+    plan = daemon_setup.handle_setup(d, {"backend": "musicgen", "dry_run": True}, FakeCall())
+    assert plan["state"] == "not_installed" and plan["license"] == "CC-BY-NC-4.0"
+    assert plan["license_accepted"] is False and plan["model_card"].endswith(REPO)
+    assert plan["convert"] == [] and plan["download_bytes"] > 0 and hub.gets() == []
+    with pytest.raises(LofiError) as e:
+        daemon_setup.handle_setup(d, {"backend": "musicgen"}, FakeCall())
+    assert e.value.code == "INVALID_PARAMS" and "accept_license" in e.value.message
+    assert hub.gets() == []
+    call = FakeCall()
+    res = daemon_setup.handle_setup(d, {"backend": "musicgen", "accept_license": True}, call)
+    assert res == {"backend": "musicgen", "started": True, "path": str(home / "musicgen")}
+    call.deferred[0]()
+    deadline = time.monotonic() + 60
+    while not any(m in ("setup_complete", "setup_error") for m, _ in d.notes):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert d.notes[-1][0] == "setup_complete" and d.notes[-1][1]["backend"] == "musicgen"
+    assert license_accepted(home / "musicgen")
+    assert all(p["backend"] == "musicgen" for m, p in d.notes if m == "download_progress")
