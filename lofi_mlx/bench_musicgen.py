@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -13,8 +14,26 @@ import time
 from pathlib import Path
 
 
+def _rss_peak_bytes() -> int:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def _rss_now_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _rss_peak_bytes()
+
+
+def _machine() -> str:
+    import platform
+    return f"{platform.system()} {platform.machine()}, {platform.processor() or '?'}, {os.cpu_count()} cores"
+
+
 def one_run(pipeline, params, out: Path) -> dict:
-    from lofi_mlx.bench import _rss_now_bytes, _rss_peak_bytes
     eng = pipeline.engine
     eng.load_times.clear()
     eng.reset_peak()
@@ -61,7 +80,6 @@ def main(argv=None) -> int:
     from lofi.musicgen.hub import check_local
     from lofi.musicgen.params import MusicgenParams
     from lofi.musicgen.pipeline import MusicgenPipeline
-    from lofi_mlx.bench import machine
     if args.checkpoint is None:
         from lofi.cli import default_checkpoint
         args.checkpoint = default_checkpoint("musicgen")
@@ -82,7 +100,7 @@ def main(argv=None) -> int:
         r[k] is not None for r in runs) else None
     res = {"backend": "musicgen", "engine": engine.name, "device": engine.device,
            "precision": engine.precision, "blas": getattr(engine, "blas", None),
-           "checkpoint": str(ckpt), "duration_sec": args.duration, "machine": machine(),
+           "checkpoint": str(ckpt), "duration_sec": args.duration, "machine": _machine(),
            "threads": args.threads, "command": "python -m lofi_mlx.bench "
            + " ".join(argv if argv is not None else sys.argv[1:]),
            "total_sec": med("total_sec"), "rtf": med("rtf"), "steps_per_sec": med("steps_per_sec"),
