@@ -58,80 +58,13 @@ def configs(dit_layers: int, text_layers: int, lyric_blocks: int) -> dict:
             "lyric_blocks": lyric_blocks}
 
 
-def _init(name: str, shape: tuple, rng) -> np.ndarray:
-    """Random weights that keep activations finite: N(0, 1/fan_in) matrices, unit norm weights."""
-    if len(shape) == 1:
-        return (np.ones if "norm" in name or name.endswith("gamma") else np.zeros)(shape, np.float32)
-    if "scale_shift_table" in name or "pos_bias" in name:
-        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-    if name.endswith(("embed_tokens.weight", "lyric_embs.weight", "relative_attention_bias.weight")):
-        return rng.standard_normal(shape).astype(np.float32)
-    fan_in = int(np.prod(shape[1:]))
-    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-
-def _to_checkpoint_keys(component: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Port parameter names/layouts -> Hugging Face checkpoint keys (inverse of the sanitizers)."""
-    out = {}
-    for k, v in params.items():
-        if component == "text_encoder":
-            k = "shared.weight" if k == "embed_tokens.weight" else "encoder." + k
-            k = (k.replace("blocks.", "block.").replace(".attn_norm.", ".layer.0.layer_norm.")
-                 .replace(".attn.", ".layer.0.SelfAttention.").replace(".ff_norm.", ".layer.1.layer_norm.")
-                 .replace(".ff.", ".layer.1.DenseReluDense.").replace("final_norm.", "final_layer_norm."))
-        elif component == "transformer":
-            if k == "proj_in.early_conv_layers.0.weight":
-                v = v.reshape(v.shape[0], 8, 16, 1)
-            elif k == "proj_in.early_conv_layers.2.weight":
-                v = v.reshape(*v.shape, 1, 1)
-            elif k.startswith("t_block."):
-                k = "t_block.1." + k[len("t_block."):]
-            elif ".ff.depth_conv." in k:
-                k = k.replace(".depth_conv.", ".depth_conv.conv.")
-                v = v.T[:, None, :] if v.ndim == 2 else v
-            elif ".ff.inverted_conv." in k or ".ff.point_conv." in k:
-                k = k.replace("_conv.", "_conv.conv.")
-                v = v[..., None] if v.ndim == 2 else v
-        elif component == "vocoder":
-            if k.startswith("backbone.channel_layers.") and not k.startswith("backbone.channel_layers.0.") \
-                    and v.ndim == 2:
-                v = v[..., None]
-        out[k] = v
-    return out
-
-
 def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> Path:
     """Config files + random fp16 safetensors for the four components, tokenizer from the fixture."""
-    import torch
-    from safetensors.numpy import save_file
+    from convert.synthetic_hf import write_checkpoint as write_hf
 
-    from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder
-
-    rng = np.random.default_rng(seed)
-    d = cfg["transformer"]
-    lc = lyric_encoder.LyricEncoderConfig(width=1024, input_size=1024, heads=16, ff=4096, blocks=cfg["lyric_blocks"])
-    with torch.device("meta"):  # shapes only
-        modules = {
-            "transformer": dit.ACEStepDiT(dit.DiTConfig.from_dict(d), lc),
-            "text_encoder": umt5.UMT5Encoder(umt5.UMT5Config.from_dict(cfg["text_encoder"])),
-            "dcae": torch.nn.ModuleDict({
-                "d": dcae.DCAEDecode(dcae.DCAEConfig.from_dict(cfg["dcae"])),
-                "e": dcae.DCAEEncode(dcae.DCAEConfig.from_dict(cfg["dcae"]))}),
-            "vocoder": vocoder.Vocoder(vocoder.VocoderConfig.from_dict(cfg["vocoder"])),
-        }
-    from lofi.checkpoint import COMPONENTS
-    for comp, module in modules.items():
-        sub = folder / COMPONENTS[comp]
-        sub.mkdir(parents=True, exist_ok=True)
-        names = {n.split(".", 1)[1] if comp == "dcae" else n: tuple(p.shape) for n, p in module.named_parameters()}
-        params = {n: _init(n, s, rng) for n, s in names.items()}
-        tensors = {k: v.astype(np.float16) for k, v in _to_checkpoint_keys(comp, params).items()}
-        fname = "model.safetensors" if comp == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        save_file(tensors, str(sub / fname))
-        (sub / "config.json").write_text(json.dumps(cfg[comp], indent=1))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TINY / "umt5-base" / f, folder / "umt5-base" / f)
-    return folder
+    cfgs = {k: cfg[k] for k in ("transformer", "text_encoder", "dcae", "vocoder")}
+    lyric = dict(width=1024, input_size=1024, heads=16, ff=4096, blocks=cfg["lyric_blocks"])
+    return write_hf(folder, cfgs, lyric, seed, tokenizer_from=TINY / "umt5-base")
 
 
 def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats: int, threads) -> dict:

@@ -205,10 +205,17 @@ def main(argv=None, engine_default="mlx") -> int:
                             seed=1234).validate()
     native = None
     if args.synthetic:
-        from lofi_mlx.synthetic import make_synthetic
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lofi.nvim" / "synthetic"
-        ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
-        native = ckpt / "mlx"
+        if args.engine == "mlx":
+            from lofi_mlx.synthetic import make_synthetic
+            ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
+            native = ckpt / "mlx"
+        else:  # the ONNX engine exports its graphs from the original (Hugging Face) layout
+            from convert.synthetic_hf import write_checkpoint
+            from lofi_mlx.synthetic import configs
+            cfgs, lyric = configs(args.synthetic)
+            ckpt = write_checkpoint(base / f"{args.synthetic}-hf", cfgs, lyric)
+            os.environ.setdefault("LOFI_ONNX_CACHE", str(base / f"{args.synthetic}-hf-onnx"))
     else:
         if args.checkpoint is None:
             from lofi.cli import default_checkpoint
