@@ -137,16 +137,24 @@ def build(root: str | Path, component: str, precision: str):
     return loaders[component](root, precision)
 
 
-def convert_component(root: str | Path, component: str, precision: str = "fp16") -> dict:
-    """{parameter name: mx.array} of one network, sanitized and cast as the engine holds it."""
+def convert_component(root: str | Path, component: str, precision: str = "fp16",
+                      quantize: int | None = None) -> dict:
+    """{parameter name: mx.array} of one network, sanitized and cast as the engine holds it;
+    the DiT's block linears quantized to `quantize` bits when asked (lofi_mlx/quantize.py)."""
     from mlx.utils import tree_flatten
-    return dict(tree_flatten(build(root, component, precision).parameters()))
+    model = build(root, component, precision)
+    if quantize and component == "transformer":
+        from lofi_mlx.quantize import quantize_dit
+        quantize_dit(model, quantize)
+    return dict(tree_flatten(model.parameters()))
 
 
 def convert_checkpoint(root: str | Path, precision: str = "fp16", components: list[str] | None = None,
                        on_progress: Callable[[str, float], None] | None = None,
-                       check_free: Callable[[int], None] | None = None) -> dict:
+                       check_free: Callable[[int], None] | None = None,
+                       quantize: int | None = None) -> dict:
     """Convert `components` (default: the stale ones) and rewrite the manifest; returns it.
+    `quantize` (8 or 4): the DiT is stored with quantized block weights, recorded in the manifest.
 
     Each output is written to a temporary name and renamed into place, and the manifest names a
     component only once its file is complete, so an interrupted conversion leaves no file that
@@ -160,8 +168,13 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
     root = Path(root)
     out_dir = mlx_dir(root)
     out_dir.mkdir(parents=True, exist_ok=True)
+    qrec = None
+    if quantize:
+        from lofi_mlx.quantize import GROUP_SIZE, check_bits
+        qrec = {"bits": check_bits(quantize), "group_size": GROUP_SIZE}
     if components is None:
-        components = [c for c in COMPONENTS if not component_fresh(root, c, precision)]
+        components = [c for c in COMPONENTS if not component_fresh(root, c, precision)
+                      or (c == "transformer" and converted_quantization(root, c) != qrec)]
     manifest = read_manifest(root)
     if manifest is None or manifest.get("precision") != precision:
         manifest = {"format": FORMAT, "precision": precision, "components": {}}
@@ -175,7 +188,7 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
         sources = {rel: _source_record(root, rel) for rel in source_files(root, comp)}
         manifest["components"].pop(comp, None)
         _write_manifest(root, manifest)
-        weights = convert_component(root, comp, precision)
+        weights = convert_component(root, comp, precision, quantize)
         if on_progress:
             on_progress(comp, 0.6)
         if check_free:
@@ -199,6 +212,8 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
             "file": dest.name, "size": dest.stat().st_size, "sha256": digest,
             "code": code_fingerprint(comp), "sources": sources, "revision": manifest.get("revision"),
             "created": time.time()}
+        if qrec and comp == "transformer":
+            manifest["components"][comp]["quantize"] = qrec
         _write_manifest(root, manifest)
         if on_progress:
             on_progress(comp, 1.0)
@@ -295,6 +310,13 @@ def converted_weights(home_or_ckpt: str | Path, component: str, precision: str |
         return None
     e = read_manifest(root)["components"][component]
     return mx.load(str(mlx_dir(root) / e["file"]))
+
+
+def converted_quantization(home_or_ckpt: str | Path, component: str) -> dict | None:
+    """{"bits", "group_size"} of a converted component's quantized layers, or None."""
+    m = read_manifest(resolve_root(home_or_ckpt))
+    e = (m or {}).get("components", {}).get(component)
+    return e.get("quantize") if isinstance(e, dict) else None
 
 
 def converted_precision(home_or_ckpt: str | Path) -> str | None:

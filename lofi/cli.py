@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--omega", type=float, default=10.0, help="omega (granularity) scale")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    g.add_argument("--quantize", default=os.environ.get("LOFI_QUANTIZE") or None, type=_quantize,
+                   metavar="8|4", help="quantized DiT weights, bits per weight (less memory; "
+                   "default: none) [LOFI_QUANTIZE]")
     g.add_argument("--engine", default=os.environ.get("LOFI_ENGINE", "auto"),
                    choices=("auto", "mlx", "onnx"))
     g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"),
@@ -42,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_setup_parser(sub)
     return ap
+
+
+def _quantize(raw: str) -> int | None:
+    from lofi.settings import _SPECS
+    try:
+        return _SPECS["quantize"][0](str(raw))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def default_checkpoint() -> Path:
@@ -93,7 +104,7 @@ def cmd_generate(args) -> int:
     from lofi.engines import create_engine
     from lofi.acestep.pipeline import Pipeline
     engine = create_engine(ckpt, args.engine, args.precision, args.device,
-                           keep_loaded=args.keep_loaded)
+                           keep_loaded=args.keep_loaded, quantize=args.quantize)
     bar = ProgressBar(enabled=not args.quiet and sys.stderr.isatty() or os.environ.get("LOFI_PROGRESS") == "1")
     info = Pipeline(ckpt, engine).generate(params, args.out, fmt=fmt, progress=bar)
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)

@@ -81,7 +81,8 @@ def default_engine(device: str = "auto", checkpoint=None) -> str:
 
 
 def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "fp32",
-                  device: str = "auto", threads: int | None = None, keep_loaded: bool = False):
+                  device: str = "auto", threads: int | None = None, keep_loaded: bool = False,
+                  quantize: int | None = None):
     if name == "auto":
         name = default_engine(device, checkpoint)
     if name not in ENGINES:
@@ -90,7 +91,7 @@ def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "
     if state != "available":
         raise LofiError(MODEL_LOAD_FAILED, f"engine {name} is {state}")
     return engine_class(name)(checkpoint, precision=precision, device=device, threads=threads,
-                              keep_loaded=keep_loaded)
+                              keep_loaded=keep_loaded, quantize=quantize)
 
 
 def engine_class(name: str):

@@ -49,7 +49,12 @@ class ONNXEngine:
     name = "onnx"
 
     def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
-                 threads: int | None = None, keep_loaded: bool = False, log=None):
+                 threads: int | None = None, keep_loaded: bool = False, log=None,
+                 quantize: int | None = None):
+        if quantize not in (None, 8):
+            raise LofiError(INVALID_PARAMS, f"the ONNX engine quantizes the DiT to 8 bits (int8 "
+                            f"MatMul weights) or not at all, not {quantize!r}")
+        self.quantize = quantize
         if precision not in PRECISIONS:
             raise LofiError(MODEL_LOAD_FAILED, f"the ONNX engine runs fp32 or fp16, not {precision!r}")
         if device not in ("auto", "cpu", "gpu", "cuda"):

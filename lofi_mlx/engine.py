@@ -26,9 +26,12 @@ class MLXEngine:
 
     def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
                  keep_loaded: bool = False, threads: int | None = None,
-                 native_dir: str | Path | None = None):
+                 native_dir: str | Path | None = None, quantize: int | None = None):
         if precision not in DTYPES:
             raise LofiError(MODEL_LOAD_FAILED, f"unknown precision {precision!r}")
+        from lofi_mlx.quantize import GROUP_SIZE, check_bits
+        self.quantize = check_bits(quantize)  # bits per DiT block weight, None: the run dtype
+        self.quantize_group = GROUP_SIZE      # when quantizing on load (benchmarks vary it)
         self.checkpoint = Path(checkpoint)
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -80,9 +83,22 @@ class MLXEngine:
         conv = converted_precision(self.checkpoint)
         if conv is None or not (conv == self.precision or self.precision == "fp32"):
             return False
+        if component == "transformer":  # usable unquantized (quantized on load) or at our bits
+            from convert.to_mlx import converted_quantization
+            bits = (converted_quantization(self.checkpoint, component) or {}).get("bits")
+            if bits is not None and bits != self.quantize:
+                return False
         return component_fresh(self.checkpoint, component, conv)
 
     def _load(self, stage: str):
+        model = self._load_network(stage)
+        if stage == "transformer" and self.quantize:
+            from lofi_mlx.quantize import quantization_of, quantize_dit
+            if quantization_of(model) is None:
+                quantize_dit(model, self.quantize, self.quantize_group)
+        return model
+
+    def _load_network(self, stage: str):
         comp, parts = self._COMPONENT[stage]
         if self.native_dir is not None or self.converted(comp):
             from lofi.checkpoint import read_config

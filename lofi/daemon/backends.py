@@ -26,7 +26,8 @@ def open_pipeline(settings: Settings):
     from lofi.acestep.pipeline import Pipeline
 
     engine = create_engine(settings.checkpoint_dir, settings.engine, settings.precision,
-                           settings.device, settings.threads, settings.keep_loaded)
+                           settings.device, settings.threads, settings.keep_loaded,
+                           quantize=settings.quantize)
     return Pipeline(settings.checkpoint_dir, engine)
 
 
@@ -79,7 +80,10 @@ class Backends:
         return default_engine(self.settings.device, self.settings.checkpoint_dir)
 
     def identity(self) -> tuple[str, str]:
-        return self.engine_name(), self.settings.precision
+        """(engine, precision) as track ids see them; quantized weights change the audio, so
+        they count as a precision of their own ("fp32+q8")."""
+        q = self.settings.quantize
+        return self.engine_name(), self.settings.precision + (f"+q{q}" if q else "")
 
     def predicted_device(self, engine: str | None) -> str:
         if self.settings.device != "auto" or engine != "mlx":

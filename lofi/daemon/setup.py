@@ -1,4 +1,6 @@
-"""The daemon method `setup` {backend, dry_run?, revision?, precision?, keep_original?}.
+"""The daemon method `setup` {backend, dry_run?, revision?, precision?, keep_original?, quantize?}.
+
+quantize: 8 | 4 | null, bits of the converted DiT's weights; default: the daemon's LOFI_QUANTIZE.
 
 dry_run: answers the plan at once (Plan.summary(): total_bytes, download_bytes, free_bytes,
 needed_bytes, enough_disk, files_to_download, files_changed, files_to_verify, convert, ... and
@@ -28,6 +30,7 @@ SPEC = {
     "revision": ((str,), False),
     "precision": ((str,), False),
     "keep_original": ((bool,), False),
+    "quantize": ((int, type(None)), False),
 }
 
 _lock = threading.Lock()
@@ -45,6 +48,10 @@ def _check(params: dict) -> None:
     if params.get("precision", "fp16") not in ("fp16", "fp32"):
         raise LofiError(INVALID_PARAMS, f"precision must be fp16 or fp32, got {params['precision']!r}",
                         {"field": "precision", "allowed": ["fp16", "fp32"]})
+    q = params.get("quantize")
+    if q is not None and (isinstance(q, bool) or q not in (8, 4)):
+        raise LofiError(INVALID_PARAMS, f"quantize must be 8, 4 or null, got {q!r}",
+                        {"field": "quantize", "allowed": [8, 4, None]})
 
 
 def _engine(d) -> str:
@@ -62,7 +69,8 @@ def handle_setup(d, params: dict, call) -> dict:
     home = d.settings.home
     root = setup.checkpoint_root(home)
     kwargs = dict(revision=params.get("revision"), precision=params.get("precision", "fp16"),
-                  engine=_engine(d), keep_original=params.get("keep_original"))
+                  engine=_engine(d), keep_original=params.get("keep_original"),
+                  quantize=params.get("quantize", d.settings.quantize))
     if params.get("dry_run"):
         plan = setup.plan_setup(home, **kwargs)
         st = setup.backend_state(home, kwargs["engine"])
