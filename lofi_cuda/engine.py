@@ -75,6 +75,9 @@ class ONNXEngine:
             raise LofiError(MODEL_LOAD_FAILED, "LOFI_DEVICE=gpu but ONNX Runtime has no usable CUDA "
                             f"device (providers: {', '.join(self.ort.get_available_providers())}; "
                             "install onnxruntime-gpu with a matching CUDA/cuDNN)")
+        if quantize and self.device == "cuda":
+            raise LofiError(INVALID_PARAMS, "int8 DiT weights are for ONNX Runtime on the CPU; on CUDA "
+                            "use precision fp16 (LOFI_DEVICE=cpu to run the int8 graph)")
         self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
         if level not in OPT_LEVELS:
@@ -112,6 +115,9 @@ class ONNXEngine:
             if graph in self._sessions:
                 return self._sessions[graph]
             path = self.graph_dir() / f"{graph}.onnx"
+            if graph == "dit_decode" and self.quantize:
+                from lofi_cuda.quantize import ensure_quantized
+                path = ensure_quantized(self.graph_dir(), graph, log=self.log)
             providers = self.providers
             if self.device == "cuda":
                 providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested",

@@ -43,12 +43,23 @@ def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[
         notice(note)
         return True, []
     from convert import to_onnx
-    precision = plan.precision if cuda_usable() else "fp32"
+    cuda = cuda_usable()
+    precision = plan.precision if cuda else "fp32"
     out = root / "onnx" / precision
     progress.emit("converting", f"onnx/{precision}", 0, 1, force=True)
-    to_onnx.export_all(root, out, precision, log=lambda *a: None)
+    if stale_reason(out, root, precision) is not None:
+        to_onnx.export_all(root, out, precision, log=lambda *a: None)
+    made = [f"onnx/{precision}"]
+    quantize = getattr(plan, "quantize", None)
+    if quantize == 8 and not cuda:  # int8 MatMul weights: the CPU's quantized DiT
+        from lofi_cuda.quantize import ensure_quantized
+        ensure_quantized(out, log=lambda *a: None)
+        made.append(f"onnx/{precision}/dit_decode.q8")
+    elif quantize:
+        notice(f"ONNX Runtime keeps the DiT unquantized here (int8 weights: --quantize 8, on the CPU); "
+               f"--quantize {quantize} applies to the MLX engine")
     progress.emit("converting", f"onnx/{precision}", 1, 1, force=True)
-    return True, [f"onnx/{precision}"]
+    return True, made
 
 
 def ensure_graphs(checkpoint: str | Path, precision: str, log=print) -> Path:
