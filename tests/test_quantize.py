@@ -176,3 +176,13 @@ def test_onnx_int8_graph_within_bound(onnx_cache):
     again.load("transformer")
     assert q.stat().st_mtime_ns == mtime
 
+
+
+def test_daemon_setup_checks_quantize():
+    from lofi.daemon.setup import _check
+    _check({"backend": "ace-step", "quantize": 8})
+    _check({"backend": "ace-step", "quantize": None})
+    for bad in (3, True, 16):
+        with pytest.raises(LofiError) as e:
+            _check({"backend": "ace-step", "quantize": bad})
+        assert e.value.code == INVALID_PARAMS and e.value.data["field"] == "quantize"

@@ -578,3 +578,25 @@ def test_setup_for_the_onnx_engine_exports_graphs_it_then_uses(hub, home, monkey
     info = Pipeline(root, ONNXEngine(root, "fp32", "cpu")).generate(
         GenerateParams("lofi", 5.0, infer_steps=2, seed=1), tmp_path / "o.wav")
     assert info["engine"] == "onnx" and (tmp_path / "o.wav").is_file()
+
+
+def test_setup_quantize_converts_the_dit_quantized_on_request(hub, home):
+    """`setup --quantize 8` stores the DiT with 8-bit block weights and records it; asking again
+    is a no-op, asking for 4 bits converts the DiT (only) again, and the engine asked for those
+    bits runs from the conversion."""
+    from lofi_mlx.engine import MLXEngine
+    first = setup.run_setup(home, REV_A, precision="fp32", quantize=8)
+    assert sorted(first.converted) == sorted(COMPONENTS)
+    root = home / "ace-step"
+    assert to_mlx.converted_quantization(root, "transformer") == {"bits": 8, "group_size": 64}
+    assert to_mlx.converted_quantization(root, "vocoder") is None
+    assert setup.plan_setup(home, REV_A, precision="fp32", quantize=8).convert_components == []
+    plan = setup.plan_setup(home, REV_A, precision="fp32", quantize=4)
+    assert plan.convert_components == ["transformer"] and plan.summary()["quantize"] == 4
+    again = setup.run_setup(home, REV_A, precision="fp32", quantize=4)
+    assert again.converted == ["transformer"]
+    assert to_mlx.converted_quantization(root, "transformer") == {"bits": 4, "group_size": 64}
+    eng = MLXEngine(root, "fp32", "cpu", quantize=4)
+    assert eng.converted("transformer") and not MLXEngine(root, "fp32", "cpu", quantize=8).converted("transformer")
+    with pytest.raises(LofiError):
+        setup.plan_setup(home, REV_A, precision="fp32", quantize=3)
