@@ -110,7 +110,8 @@ def cmd_generate(args) -> int:
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)
     bar.done(f"wrote {info['path']} ({info['duration_sec']:.2f} s, {info['sample_rate']} Hz stereo, "
              f"seed {info['seed']}, {info['generation_time_sec']:.1f} s, {rtf:.2f}x real time, "
-             f"{info['engine']}/{info['device']}/{info['precision']})")
+             f"{info['engine']}/{info['device']}/{info['precision']}"
+             + (f", {args.quantize}-bit DiT)" if args.quantize else ")"))
     return 0
 
 
