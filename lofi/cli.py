@@ -15,38 +15,45 @@ from lofi.params import CFG_TYPES, FORMATS, PRECISIONS, SCHEDULERS, TASKS, Gener
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lofi", description="Local AI music with ACE-Step v1.")
+    ap = argparse.ArgumentParser(prog="lofi", description="Local AI music with ACE-Step v1 or MusicGen.")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one track to a file")
+    g.add_argument("--backend", default=os.environ.get("LOFI_BACKEND", "ace-step"),
+                   choices=("ace-step", "musicgen"), help="model family (default ace-step)")
     g.add_argument("--prompt", required=True, help="style tags, e.g. 'lofi hip hop, jazzy piano'")
     g.add_argument("--duration", type=float, default=None,
-                   help="seconds, 5-240 (text2music, retake; source tasks follow the source)")
-    g.add_argument("--task", default="text2music", choices=TASKS)
-    g.add_argument("--src", default=None, help="source audio file or cached track id "
+                   help="seconds, 5-240 (musicgen 5-120; ace-step source tasks follow the source)")
+    # None = not given: a backend refuses the other backend's parameters by name
+    g.add_argument("--task", default=None, choices=TASKS, help="ace-step (default text2music)")
+    g.add_argument("--src", default=None, help="ace-step: source audio file or cached track id "
                    "(repaint, extend, audio2audio, edit)")
     g.add_argument("--start", type=float, default=None, help="repaint: window start, seconds")
     g.add_argument("--end", type=float, default=None, help="repaint: window end, seconds")
-    g.add_argument("--left", type=float, default=0.0, help="extend: seconds added before")
-    g.add_argument("--right", type=float, default=0.0, help="extend: seconds added after")
-    g.add_argument("--strength", type=float, default=0.5,
+    g.add_argument("--left", type=float, default=None, help="extend: seconds added before")
+    g.add_argument("--right", type=float, default=None, help="extend: seconds added after")
+    g.add_argument("--strength", type=float, default=None,
                    help="audio2audio: 0-1, how much of the source is kept (default 0.5)")
     g.add_argument("--target-prompt", default=None, help="edit: the prompt to move towards")
-    g.add_argument("--edit-n-min", type=float, default=0.0, help="edit: first edited step share")
-    g.add_argument("--edit-n-max", type=float, default=1.0, help="edit: last edited step share")
-    g.add_argument("--edit-n-avg", type=int, default=1, help="edit: velocity averages per step")
+    g.add_argument("--edit-n-min", type=float, default=None, help="edit: first edited step share")
+    g.add_argument("--edit-n-max", type=float, default=None, help="edit: last edited step share")
+    g.add_argument("--edit-n-avg", type=int, default=None, help="edit: velocity averages per step")
     g.add_argument("--retake-seed", type=int, default=None, help="retake/repaint/extend: "
                    "seed of the variation noise (default: random)")
-    g.add_argument("--variance", type=float, default=0.5,
+    g.add_argument("--variance", type=float, default=None,
                    help="retake/repaint: 0-1, how far from the original (default 0.5)")
     g.add_argument("--lora", default=None, metavar="NAME[:WEIGHT]",
-                   help="LoRA under $LOFI_HOME/lora/NAME/ or a folder, weight default 1.0")
-    g.add_argument("--lyrics", default="[inst]",
-                   help='"[inst]" (instrumental, default) or "" (the reference\'s empty-lyrics path)')
-    g.add_argument("--steps", type=int, default=27, help="diffusion steps (default 27)")
-    g.add_argument("--scheduler", default="euler", help="|".join(SCHEDULERS))
-    g.add_argument("--cfg-type", default="apg", help="|".join(CFG_TYPES))
-    g.add_argument("--guidance", type=float, default=15.0, help="guidance scale (default 15)")
-    g.add_argument("--omega", type=float, default=10.0, help="omega (granularity) scale")
+                   help="ace-step: LoRA under $LOFI_HOME/lora/NAME/ or a folder, weight default 1.0")
+    g.add_argument("--lyrics", default=None,
+                   help='ace-step: "[inst]" (instrumental, default) or "" (the reference\'s '
+                   'empty-lyrics path)')
+    g.add_argument("--steps", type=int, default=None, help="ace-step: diffusion steps (default 27)")
+    g.add_argument("--scheduler", default=None, help="ace-step: " + "|".join(SCHEDULERS))
+    g.add_argument("--cfg-type", default=None, help="ace-step: " + "|".join(CFG_TYPES))
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: ace-step 15, musicgen 3 or the checkpoint's)")
+    g.add_argument("--omega", type=float, default=None, help="ace-step: omega (granularity) scale")
+    g.add_argument("--top-k", type=int, default=None, help="musicgen: top-k sampling (default 250)")
+    g.add_argument("--temperature", type=float, default=None, help="musicgen: sampling temperature")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--precision", default=os.environ.get("LOFI_PRECISION", "auto"), choices=PRECISIONS,
                    help="auto (default): bf16 on a GPU, fp32 on a CPU")
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"), type=_device,
                    help="auto | cpu | gpu (cuda and metal mean gpu)")
     g.add_argument("--checkpoint", type=Path, default=None,
-                   help="ACE-Step folder in the Hugging Face layout (default: $LOFI_HOME/ace-step)")
+                   help="model folder in the Hugging Face layout (default: $LOFI_HOME/<backend>)")
     g.add_argument("--format", default=None, choices=FORMATS, help="default: from --out's suffix")
     g.add_argument("--keep-loaded", action="store_true", help="keep every network resident")
     g.add_argument("--quiet", action="store_true", help="no progress and no summary line on stderr")
@@ -84,6 +91,10 @@ def lofi_home() -> Path:
     from lofi.settings import default_home
     home = os.environ.get("LOFI_HOME")
     return Path(home) if home else default_home()
+
+
+def default_checkpoint(backend: str = "ace-step") -> Path:
+    return lofi_home() / backend
 
 
 def default_checkpoint() -> Path:
@@ -156,30 +167,33 @@ class Progress:
         self.mode, self.stream = mode, stream or sys.stderr
         self.stage = None
         self.last_draw = 0.0
+        self.last_step = None
 
     def __call__(self, stage, step, total, fraction):
         self.clock.update(stage, step, total, fraction)
         pct, eta = self.clock.estimate()
         if self.mode == "lines" and stage != self.stage:
-            steps = f" ({self.clock.total_steps} steps)" if stage == "diffusion" else ""
+            steps = f" ({self.clock.total_steps} steps)" if stage in ("diffusion", "sampling") else ""
             self.stream.write(f"lofi: {stage}{steps}, {pct}%{_eta(eta, ' ')}\n")
             self.stream.flush()
-        elif self.mode == "bar" and (stage != self.stage or time.monotonic() - self.last_draw > 0.1):
+        elif self.mode == "bar" and (stage != self.stage or time.monotonic() - self.last_draw > 0.1
+                                     or (stage == "diffusion" and step != self.last_step)):
             width = 24
             bar = "#" * (pct * width // 100)
-            detail = f" {step}/{total or self.clock.total_steps}" if stage == "diffusion" and step else ""
+            detail = (f" {step}/{total or self.clock.total_steps}"
+                      if stage in ("diffusion", "sampling") and step else "")
             line = f"[{bar:<{width}}] {pct:3d}% {stage}{detail}{_eta(eta, '  ')}"
             self.stream.write("\r" + line.ljust(72))
             self.stream.flush()
             self.last_draw = time.monotonic()
-        self.stage = stage
+        self.stage, self.last_step = stage, step
 
-    def use_engine(self, engine) -> None:
+    def use_engine(self, engine, backend: str = "ace-step") -> None:
         """Estimates are kept per engine, device, precision and model (shared with the daemon)."""
         from lofi.daemon.backends import model_id
         from lofi.progress import model_key
-        self.clock.key = model_key("ace-step", engine.name, engine.device, engine.precision,
-                                   model_id(self.ckpt))
+        self.clock.key = model_key(backend, engine.name, engine.device, engine.precision,
+                                   model_id(self.ckpt, backend))
 
     def finish(self, ok: bool) -> None:
         if self.mode == "bar":
@@ -202,20 +216,46 @@ def _home() -> Path:
     return Path(home) if home else default_home()
 
 
+_FLAGS = {"infer_steps": "--steps", "scheduler": "--scheduler", "cfg_type": "--cfg-type",
+          "omega_scale": "--omega", "guidance_scale": "--guidance", "top_k": "--top-k",
+          "temperature": "--temperature", "task": "--task", "src_audio": "--src",
+          "start_sec": "--start", "end_sec": "--end", "left_sec": "--left", "right_sec": "--right",
+          "strength": "--strength", "target_prompt": "--target-prompt", "edit_n_min": "--edit-n-min",
+          "edit_n_max": "--edit-n-max", "edit_n_avg": "--edit-n-avg", "retake_seed": "--retake-seed",
+          "retake_variance": "--variance", "lora": "--lora", "lyrics": "--lyrics"}
+_ARGS = {"infer_steps": "steps", "omega_scale": "omega", "guidance_scale": "guidance",
+         "src_audio": "src", "start_sec": "start", "end_sec": "end", "left_sec": "left",
+         "right_sec": "right", "retake_variance": "variance"}
+
+
+def _given(args) -> dict:
+    """The generation flags given on the command line, by parameter name."""
+    vals = {k: getattr(args, _ARGS.get(k, k)) for k in _FLAGS}
+    return {k: v for k, v in vals.items() if v is not None}
+
+
+def _refuse_foreign(backend: str, given: dict) -> None:
+    from lofi.musicgen.params import foreign_params
+    bad = foreign_params(backend, given)
+    if bad:
+        other = "ACE-Step" if backend == "musicgen" else "MusicGen"
+        raise LofiError("INVALID_PARAMS", f"{', '.join(_FLAGS[k] for k in bad)}: {other}-only, "
+                        f"not accepted with --backend {backend}")
+
+
 def cmd_generate(args) -> int:
     fmt = args.format or (args.out.suffix.lstrip(".").lower() or "wav")
     if fmt not in FORMATS:
         raise LofiError("INVALID_PARAMS", f"--out: unsupported format {fmt!r}; use .wav or .flac")
-    lora, lora_weight = parse_lora(args.lora)
-    params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, infer_steps=args.steps,
-                            guidance_scale=args.guidance, scheduler=args.scheduler,
-                            cfg_type=args.cfg_type, omega_scale=args.omega, seed=args.seed,
-                            lyrics=args.lyrics, task=args.task, src_audio=args.src, start_sec=args.start,
-                            end_sec=args.end, left_sec=args.left, right_sec=args.right,
-                            strength=args.strength, target_prompt=args.target_prompt,
-                            edit_n_min=args.edit_n_min, edit_n_max=args.edit_n_max,
-                            edit_n_avg=args.edit_n_avg, retake_seed=args.retake_seed,
-                            retake_variance=args.variance, lora=lora, lora_weight=lora_weight)
+    given = _given(args)
+    _refuse_foreign(args.backend, given)
+    if args.backend == "musicgen":
+        from lofi.cli_musicgen import generate_musicgen
+        return generate_musicgen(args, given, fmt, Progress,
+                                 args.checkpoint or default_checkpoint("musicgen"))
+    if "lora" in given:
+        given["lora"], given["lora_weight"] = parse_lora(given["lora"])
+    params = GenerateParams(prompt=args.prompt, duration_sec=args.duration, seed=args.seed, **given)
     if params.task in ("repaint", "extend", "audio2audio", "edit") and args.duration is not None:
         raise LofiError("INVALID_PARAMS", f"--duration does not apply to --task {params.task}: "
                         "the length follows the source")

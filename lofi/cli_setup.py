@@ -1,5 +1,7 @@
-"""`lofi setup ace-step`: show what will be downloaded and the free disk, ask, then download,
-verify and convert with a progress bar on stderr. `--yes` answers for scripts."""
+"""`lofi setup ace-step|musicgen`: show what will be downloaded and the free disk, ask, then
+download, verify and convert with a progress bar on stderr. `--yes` answers for scripts.
+MusicGen's weights are CC-BY-NC-4.0: its setup also needs `--accept-license` or a yes to the
+licence prompt, once (the setup state remembers it); the MLX engine reads them unconverted."""
 
 from __future__ import annotations
 
@@ -14,15 +16,17 @@ from lofi.errors import LofiError
 
 def add_setup_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser("setup", help="download, verify and convert a model (once)",
-                              description="Download ACE-Step v1 from the Hugging Face Hub (honours "
+                              description="Download ACE-Step v1 or MusicGen from the Hugging Face Hub (honours "
                               "HF_ENDPOINT, HF_TOKEN and the other HF_* variables), verify every file "
                               "against the Hub's size and hash, and convert it for the engine. An "
                               "interrupted download resumes; damaged files are fetched again.")
-    s.add_argument("backend", choices=("ace-step",), help="the model to set up")
+    s.add_argument("backend", choices=("ace-step", "musicgen"), help="the model to set up")
     s.add_argument("--yes", "-y", action="store_true", help="do not ask before downloading")
+    s.add_argument("--accept-license", action="store_true",
+                   help="musicgen: accept the weights' CC-BY-NC-4.0 licence without the prompt")
     s.add_argument("--revision", default=None,
                    help="Hub revision (commit, tag or branch); default: the pinned commit "
-                        "[LOFI_ACE_STEP_REVISION]")
+                        "[LOFI_ACE_STEP_REVISION, LOFI_MUSICGEN_REVISION]")
     s.add_argument("--keep-original", dest="keep_original", action=argparse.BooleanOptionalAction,
                    default=None, help="keep the Hugging Face weight files after conversion "
                    "(default: keep, unless an earlier setup removed them)")
@@ -52,7 +56,8 @@ def _engine(name: str) -> str:
 def describe_plan(plan) -> str:
     from lofi.hub.setup import human
     r = plan.remote
-    lines = [f"ACE-Step v1 3.5B: {r.repo} @ {r.commit[:12]} from {r.endpoint}",
+    title = "ACE-Step v1 3.5B" if plan.spec.backend == "ace-step" else plan.spec.title
+    lines = [f"{title}: {r.repo} @ {r.commit[:12]} from {r.endpoint}",
              f"  into {plan.root}",
              f"  total size: {human(plan.total_bytes)} in {len(r.files)} files"]
     if plan.missing:
@@ -125,22 +130,36 @@ def _confirm(question: str) -> bool:
 def cmd_setup(args) -> int:
     from lofi.hub import setup
 
-    engine = _engine(args.engine)
-    plan = setup.plan_setup(args.home, args.revision, args.precision, engine, args.keep_original)
+    if args.backend == "musicgen":
+        from lofi.musicgen.hub import spec as musicgen_spec
+        spec, engine = musicgen_spec(), "none"  # the MLX engine reads the Hub layout as it is
+    else:
+        spec, engine = setup.ACE_STEP, _engine(args.engine)
+    plan = setup.plan_setup(args.home, args.revision, args.precision, engine, args.keep_original,
+                            spec=spec)
     err = sys.stderr
     todo = _pending(engine, plan)
+    title = spec.title
     nothing = not (plan.missing or plan.unverified or plan.convert_components or todo
                    or (not plan.keep_original and engine == "mlx" and _originals_present(plan)))
-    if nothing:
-        print(f"ACE-Step is installed and verified in {plan.root} (revision {plan.remote.commit[:12]}"
+    if nothing and (spec.license is None or _license_known(plan.root)):
+        print(f"{title} is installed and verified in {plan.root} (revision {plan.remote.commit[:12]}"
               + (f", converted for MLX at {plan.precision}" if engine == "mlx" else "") + ").", file=err)
         return 0
     print(describe_plan(plan) + (f"\n  {todo}" if todo else ""), file=err)
+    if spec.license is not None and args.dry_run:
+        print(_notice(spec), file=err)
     if not plan.enough_disk:
         raise LofiError(setup.NOT_ENOUGH_DISK, f"not enough free disk at {plan.root}: "
                         f"{setup.human(plan.needed_bytes)} needed, {setup.human(plan.free_bytes)} free. "
                         "Nothing was downloaded.")
     if args.dry_run:
+        return 0
+    if spec.license is not None and not _license_consent(args, plan.root, spec):
+        print("The licence was not accepted. Nothing was downloaded.", file=err)
+        return 1
+    if nothing:
+        print(f"{title} is installed and verified in {plan.root}.", file=err)
         return 0
     if not args.yes and not _confirm("Proceed? [y/N] "):
         print("Nothing was downloaded.", file=err)
@@ -150,16 +169,16 @@ def cmd_setup(args) -> int:
         result = setup.run_setup(args.home, args.revision, args.precision, engine, args.keep_original,
                                  on_progress=bar, on_notice=lambda m: bar.line(f"lofi: {m}"), plan=plan)
     except KeyboardInterrupt:
-        bar.line("lofi: interrupted; run `lofi setup ace-step` again to resume where it stopped")
+        bar.line(f"lofi: interrupted; run `lofi setup {spec.backend}` again to resume where it stopped")
         raise
     except LofiError:
         bar.line("")
         raise
     if result.state != "ready":
-        bar.line(f"ACE-Step is downloaded and verified in {plan.root} but NOT ready to generate"
+        bar.line(f"{title} is downloaded and verified in {plan.root} but NOT ready to generate"
                  + ("".join(f"\n  {n}" for n in result.notes) if result.notes else ""))
         return 1
-    if engine == "none":
+    if engine == "none" and spec.backend == "ace-step":
         from lofi.engines import available_engines
         bar.line(f"ACE-Step is downloaded and verified in {plan.root}; no engine was prepared "
                  f"(--engine none)" + "".join(f"\n  {n}: {s}" for n, s in available_engines().items()
@@ -173,7 +192,7 @@ def cmd_setup(args) -> int:
                      else f"converted {', '.join(result.converted)} ({plan.precision})")
     if result.removed:
         parts.append(f"removed {len(result.removed)} original weight files")
-    bar.line(f"ACE-Step is ready in {plan.root} (revision {result.revision[:12]}): " + "; ".join(parts))
+    bar.line(f"{title} is ready in {plan.root} (revision {result.revision[:12]}): " + "; ".join(parts))
     return 0
 
 
@@ -187,3 +206,25 @@ def _pending(engine: str, plan) -> str | None:
 def _originals_present(plan) -> bool:
     from lofi.hub.setup import is_weight_file
     return any(is_weight_file(f.path) and (plan.root / f.path).exists() for f in plan.remote.files)
+
+
+def _notice(spec) -> str:
+    from lofi.musicgen.hub import license_notice
+    return license_notice(spec)
+
+
+def _license_known(root) -> bool:
+    from lofi.musicgen.hub import license_accepted
+    return license_accepted(root)
+
+
+def _license_consent(args, root, spec) -> bool:
+    """Show the licence and the model card; an explicit yes (flag or prompt) is recorded."""
+    from lofi.musicgen.hub import accept_license, license_accepted, license_notice
+    if license_accepted(root):
+        return True
+    print(license_notice(spec), file=sys.stderr)
+    if not args.accept_license and not _confirm(f"Accept the {spec.license[0]} licence? [y/N] "):
+        return False
+    accept_license(root, spec)
+    return True

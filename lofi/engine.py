@@ -68,3 +68,39 @@ class Engine(Protocol):
 
     def memory(self) -> dict:
         """Bytes in use as the engine sees them (e.g. {"active": ..., "peak": ...})."""
+
+
+@runtime_checkable
+class MusicgenEngine(Protocol):
+    """An engine for MusicGen (backend "musicgen"): same numpy seam, MusicGen's three networks."""
+    name: str
+    backend: str     # "musicgen"
+    device: str
+    precision: str
+    checkpoint: Path
+    keep_loaded: bool
+    load_times: dict
+
+    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
+                 keep_loaded: bool = False, threads: int | None = None) -> None: ...
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(T5 last_hidden_state [B, L, Dt], cross-attention states [B, L, H] = the projection
+        times the mask: padded positions exactly 0)."""
+
+    def decoder_session(self, enc_states: np.ndarray, enc_mask: np.ndarray):
+        """A KV-cached decoder over rows R (cond rows, then the null rows: zero states, zero mask);
+        calling it with ids [R*K, S] (the next S columns) returns the last column's logits
+        [R*K, V] float32 (all_positions=True: [R*K, S, V])."""
+
+    def decode_audio(self, codes: np.ndarray) -> np.ndarray:
+        """EnCodec: codes [B, Q, T] -> waveform [B, 1, T*hop] at the codec's rate, one pass."""
+
+    def quantizer_embeddings(self, codes: np.ndarray) -> np.ndarray:
+        """codes [B, Q, T] -> the sum of the codebook embeddings [B, D, T]."""
+
+    def load(self, stage: str) -> None: ...
+    def end_stage(self, stage: str) -> None: ...
+    def release(self, stage: str | None = None) -> None: ...
+    def loaded(self) -> list[str]: ...
+    def memory(self) -> dict: ...

@@ -36,6 +36,8 @@ WINDOW = 8  # observations kept per segment and key
 FILE_NAME = "estimates.json"
 _FACTOR = (0.5, 2.0)
 OVERRUN_SHARE = 0.15  # how far this job's speed may rescale earlier jobs' times
+# MusicGen's stages in the same segments: token steps are its steps, EnCodec its only decoder
+STAGE_ALIASES = {"sampling": "diffusion", "decoding": "dcae_decode"}
 
 
 def nfe_per_step(params) -> float:
@@ -191,11 +193,15 @@ class JobClock:
         self.seg: dict[str, float] = {}
         self.percent = 0
         self.fraction = 0.0
+        self.single_decoder = False
 
     # -- input ----------------------------------------------------------------------------------
     def update(self, stage: str, step: int | None, total: int | None, fraction: float = 0.0,
                now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        if stage in STAGE_ALIASES:
+            self.single_decoder = True
+            stage = STAGE_ALIASES[stage]
         self.fraction = max(self.fraction, fraction)
         if total:
             self.total_steps = total
@@ -272,6 +278,8 @@ class JobClock:
             return None
 
         order = ["text", "first_step", "steps", "dcae", "vocoder", "writing"]
+        if self.single_decoder:
+            order.remove("vocoder")
         cur = {None: "text", "text_encoding": "text", "diffusion": "first_step", "dcae_decode": "dcae",
                "vocoder": "vocoder", "writing": "writing"}.get(self.stage, "writing")
         if cur == "first_step" and self.step_marks:

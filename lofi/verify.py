@@ -377,22 +377,41 @@ def golden_checkpoint(golden_dir: Path) -> Path:
 
 
 class Context:
-    def __init__(self, golden_dir: Path, engine):
+    def __init__(self, golden_dir: Path, engine, factory=None):
         self.golden_dir = golden_dir
         self.checkpoint = golden_checkpoint(golden_dir)
         self.engine = engine
+        self._factory = factory  # checkpoint -> an engine like `engine` (a set's second checkpoint)
+        self._others: dict = {}
+
+    def engine_for(self, checkpoint: Path):
+        if Path(checkpoint) == self.checkpoint or self._factory is None:
+            return self.engine
+        if checkpoint not in self._others:
+            self._others[checkpoint] = self._factory(checkpoint)
+        return self._others[checkpoint]
 
 
-def run(golden_dir: str | Path, engine, out=sys.stdout, only: list[str] | None = None) -> Report:
+def family(manifest: dict) -> str:
+    """The model family a golden set was made from: "musicgen" or "ace-step"."""
+    from lofi.musicgen.verify import is_musicgen_manifest
+    return "musicgen" if is_musicgen_manifest(manifest) else "ace-step"
+
+
+def run(golden_dir: str | Path, engine, out=sys.stdout, only: list[str] | None = None,
+        factory=None) -> Report:
     golden_dir = Path(golden_dir)
     manifest = json.loads((golden_dir / "manifest.json").read_text())
     rep = Report(engine.precision, out)
-    ctx = Context(golden_dir, engine)
+    ctx = Context(golden_dir, engine, factory)
+    checkers = CHECKERS
+    if family(manifest) == "musicgen":
+        from lofi.musicgen.verify import CHECKERS as checkers
     for fname, entry in manifest["files"].items():
         stem = fname.rsplit(".", 1)[0]
         if only and not any(stem.startswith(o) for o in only):
             continue
-        checker = next((fn for prefix, fn in CHECKERS if stem.startswith(prefix)), None)
+        checker = next((fn for prefix, fn in checkers if stem.startswith(prefix)), None)
         if not fname.endswith(".safetensors") or "/" in fname:
             continue  # lyric tokenisation (JSON; instrumental-only), the source WAV, the LoRA file
         if checker is None:
@@ -419,14 +438,19 @@ def main(argv=None, engine_name: str = "mlx") -> int:
         print(f"verify: {args.golden_dir} has no manifest.json", file=sys.stderr)
         return 2
     from lofi.engines import create_engine
-    engine = create_engine(golden_checkpoint(args.golden_dir), engine_name, args.precision, args.device,
-                           keep_loaded=True)
+    backend = family(json.loads((args.golden_dir / "manifest.json").read_text()))
+
+    def factory(ckpt):
+        return create_engine(ckpt, engine_name, args.precision, args.device, keep_loaded=True,
+                             backend=backend)
+
+    engine = factory(golden_checkpoint(args.golden_dir))
     t0 = time.perf_counter()
-    rep = run(args.golden_dir, engine, only=args.only)
+    rep = run(args.golden_dir, engine, only=args.only, factory=factory)
     n_fail = sum(not r[3] for r in rep.rows)
     devs = f", {len(rep.deviations)} documented deviations" if rep.deviations else ""
-    print(f"{len(rep.rows) - n_fail} passed, {n_fail} failed{devs} "
-          f"({engine.name}/{engine.device}/{engine.precision}, {time.perf_counter() - t0:.1f} s)")
+    print(f"{len(rep.rows) - n_fail} passed, {n_fail} failed{devs} ({backend}, "
+          f"{engine.name}/{engine.device}/{engine.precision}, {time.perf_counter() - t0:.1f} s)")
     return 0 if rep.passed else 1
 
 

@@ -184,6 +184,8 @@ def machine() -> str:
 def build_parser(engine_default="mlx") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lofi_mlx.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--engine", default=engine_default, choices=("mlx", "onnx"))
+    ap.add_argument("--backend", default="ace-step", choices=("ace-step", "musicgen"),
+                    help="musicgen: see lofi_mlx/bench_musicgen.py")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the installed model")
     ap.add_argument("--synthetic", choices=("full", "mid", "tiny"), default=None,
                     help="random weights at the real configuration (full), real widths with a few "
@@ -203,6 +205,11 @@ def build_parser(engine_default="mlx") -> argparse.ArgumentParser:
 
 
 def main(argv=None, engine_default="mlx") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--backend" in argv and argv[argv.index("--backend") + 1:][:1] == ["musicgen"] \
+            or "--backend=musicgen" in argv:
+        from lofi_mlx.bench_musicgen import main as musicgen_main
+        return musicgen_main(argv)
     args = build_parser(engine_default).parse_args(argv)
     params = GenerateParams("lofi hip hop, jazzy piano, vinyl crackle", args.duration,
                             infer_steps=args.steps, scheduler=args.scheduler, cfg_type=args.cfg_type,

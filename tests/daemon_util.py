@@ -265,5 +265,5 @@ def fake_main():
 
     step = float(os.environ["FAKE_STEP_SEC"])
     decode = tuple(float(x) for x in os.environ.get("FAKE_DECODE_STEPS", "1,1").split(","))
-    backends.open_pipeline = lambda settings: FakePipeline(step, decode)
+    backends.open_pipeline = lambda settings, backend="ace-step": FakePipeline(step, decode)
     sys.exit(main(sys.argv[1:]))

@@ -33,3 +33,16 @@ def test_bench_json(tmp_path):
     assert res["rtf"]["median"] > 0 and res["peak_rss_bytes"] > 0
     assert set(res["stages"]) >= {"load.transformer", "dcae_decode", "vocoder", "write"}
     assert all(len(r["eta"]) == 5 for r in res["runs"])
+
+
+def test_bench_musicgen_reports_steps_rtf_memory_and_loads(tmp_path):
+    from tests.test_musicgen import CKPT
+    r = subprocess.run([sys.executable, "-m", "lofi_mlx.bench", "--backend", "musicgen",
+                        "--checkpoint", str(CKPT), "--duration", "5", "--warmup", "0", "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    run = res["runs"][0]
+    assert res["backend"] == "musicgen" and run["decoder_steps"] == 253 and run["frames"] == 250
+    assert res["steps_per_sec"] > 0 and res["rtf"] > 0 and run["peak_rss_bytes"] > 0
+    assert set(run["load_sec"]) == {"text_encoder", "decoder", "encodec"}

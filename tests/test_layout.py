@@ -170,3 +170,18 @@ def test_engines_implement_the_protocol(name, checkpoint_dir):
     eng = cls(checkpoint_dir, precision="fp32", device="cpu")
     assert isinstance(eng, Engine)
     assert eng.name == name and eng.loaded() == []
+
+
+def test_musicgen_engine_implements_its_protocol():
+    from lofi.engine import MusicgenEngine
+    from lofi.engines import engine_class
+    from tests.test_musicgen import CKPT
+    cls = engine_class("mlx", "musicgen")
+    for member, proto_val in _members(MusicgenEngine).items():
+        if callable(proto_val):
+            impl = getattr(cls, member, None)
+            assert callable(impl), f"{cls.__name__} lacks {member}()"
+            for p in inspect.signature(proto_val).parameters:
+                assert p in inspect.signature(impl).parameters, f"{cls.__name__}.{member}: {p!r}"
+    eng = cls(CKPT, precision="fp32", device="cpu")
+    assert isinstance(eng, MusicgenEngine) and eng.backend == "musicgen" and eng.loaded() == []

@@ -488,7 +488,7 @@ def test_daemon_setup_method_plans_then_runs_with_notifications(hub, home):
 def test_daemon_setup_method_refusals(hub, home, monkeypatch):
     from lofi.daemon import setup as daemon_setup
     d = FakeDaemon(home)
-    for params, code in (({"backend": "musicgen"}, "MODEL_NOT_FOUND"),
+    for params, code in (({"backend": "musicgen"}, "INVALID_PARAMS"),  # its licence not accepted
                          ({"backend": "nope"}, "INVALID_PARAMS"),
                          ({"backend": "ace-step", "precision": "fp8"}, "INVALID_PARAMS")):
         with pytest.raises(LofiError) as e:

@@ -1,9 +1,8 @@
 """What each backend is, whether it can run here, and how its pipeline is opened.
 
-"ace-step" is this product's model; its state comes from the checkpoint under
-`$LOFI_HOME/ace-step/` and the record `lofi setup` keeps of it. "musicgen" is named by the user's feature document but not part of this
-product: it is reported honestly as not installed so the editor can say so. Nothing here imports
-an ML framework; `open_pipeline` does, on the worker thread, when the first job runs.
+"ace-step" (the default) and "musicgen" each have a checkpoint under `$LOFI_HOME/<backend>/` and
+the record `lofi setup` keeps of it. Nothing here imports an ML framework; `open_pipeline` does,
+on the worker thread, when the first job of a backend runs.
 """
 
 from __future__ import annotations
@@ -15,12 +14,8 @@ from pathlib import Path
 
 from lofi import MODEL_VERSION
 from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
-from lofi.params import MAX_DURATION, MIN_DURATION, SAMPLE_RATE
+from lofi.params import MAX_DURATION, MIN_DURATION, SAMPLE_RATE, GenerateParams
 from lofi.settings import BACKENDS, Settings, backend_name
-
-MUSICGEN_MESSAGE = ("MusicGen is not part of this product: lofi generates with ACE-Step "
-                    "(up to 240 s per track). Use the ace-step backend.")
-
 
 # lofi.nvim's client reads `type` (its spelling of the name) and `status` from get_backends
 NVIM_NAMES = {"ace-step": "ace_step", "musicgen": "musicgen"}
@@ -28,11 +23,19 @@ NVIM_STATUS = {"ready": "ready", "not_installed": "not_installed", "downloading"
                "converting": "downloading", "damaged": "error"}
 
 
-def model_id(checkpoint: Path) -> str:
+def checkpoint_dir(settings: Settings, backend: str = "ace-step") -> Path:
+    return settings.checkpoint_dir if backend == "ace-step" else settings.home / backend
+
+
+def model_id(checkpoint: Path, backend: str = "ace-step") -> str:
     """The model version plus a digest of the networks' configs: a checkpoint of another size
     (the tests' tiny one) runs at other speeds and must not share progress estimates."""
     h = hashlib.sha256()
-    for sub in ("ace_step_transformer", "music_dcae_f8c8", "music_vocoder", "umt5-base"):
+    if backend == "musicgen":
+        h.update(b"musicgen")
+    subs = (".",) if backend == "musicgen" else (
+        "ace_step_transformer", "music_dcae_f8c8", "music_vocoder", "umt5-base")
+    for sub in subs:
         try:
             h.update((Path(checkpoint) / sub / "config.json").read_bytes()[:1 << 20])
         except OSError:
@@ -40,15 +43,41 @@ def model_id(checkpoint: Path) -> str:
     return f"{MODEL_VERSION}-{h.hexdigest()[:8]}"
 
 
-def open_pipeline(settings: Settings):
+def open_pipeline(settings: Settings, backend: str = "ace-step"):
     """Create the engine and the pipeline (lazy: networks load when their stage first runs)."""
     from lofi.engines import create_engine
+    if backend == "musicgen":
+        from lofi.musicgen.pipeline import MusicgenPipeline
+        root = checkpoint_dir(settings, backend)
+        engine = create_engine(root, settings.engine, settings.precision, settings.device,
+                               settings.threads, settings.keep_loaded, backend="musicgen")
+        return MusicgenPipeline(root, engine)
     from lofi.acestep.pipeline import Pipeline
 
     engine = create_engine(settings.checkpoint_dir, settings.engine, settings.precision,
                            settings.device, settings.threads, settings.keep_loaded)
     return Pipeline(settings.checkpoint_dir, engine)
 
+
+def build_params(backend: str, given: dict, resolve=None):
+    """The validated request of `backend` from the generate call's fields; the other backend's
+    own parameters are INVALID_PARAMS naming them. `resolve` completes an ACE-Step request
+    (source file, repaint window, LoRA) before its numbers are normalised."""
+    from lofi.musicgen.params import MusicgenParams, refuse_foreign
+    refuse_foreign(backend, given)
+    if backend == "musicgen":
+        p = MusicgenParams(**given).validate()
+        for k in ("duration_sec", "guidance_scale", "temperature"):
+            if getattr(p, k) is not None:
+                setattr(p, k, float(getattr(p, k)))
+        return p
+    p = GenerateParams(**given).validate()
+    if resolve is not None:
+        resolve(p)
+    for k in GenerateParams.field_names():  # 15 and 15.0 are the same track
+        if isinstance(getattr(GenerateParams, k, None), float) or k == "duration_sec":
+            setattr(p, k, float(getattr(p, k)))
+    return p
 
 class Backends:
     def __init__(self, settings: Settings):
@@ -68,7 +97,7 @@ class Backends:
         on, details such as the setup's percent). The checkpoint's own record of its setup decides
         (lofi.hub.setup.backend_state: sizes and mtimes only, cheap enough for every request)."""
         if name == "musicgen":
-            return "not_installed", MUSICGEN_MESSAGE, {}
+            return self._musicgen_state()
         from lofi.hub.setup import backend_state
         try:
             engine = self.engine_name()
@@ -86,6 +115,22 @@ class Backends:
             message = st.pop("detail", None)
         return state, message, st
 
+    def _musicgen_state(self) -> tuple[str, str | None, dict]:
+        from lofi.hub.setup import backend_state
+        from lofi.musicgen.hub import MUSICGEN
+        st = dict(backend_state(self.settings.home, "none", MUSICGEN))
+        state = st.pop("state")
+        root = checkpoint_dir(self.settings, "musicgen")
+        if state == "not_installed":
+            message = (f"MusicGen is not installed in {root}: run `lofi setup musicgen` "
+                       "(or `:Lofi setup musicgen`); its weights are CC-BY-NC-4.0")
+        elif state in ("downloading", "converting"):
+            message = (f"MusicGen is being set up ({state}, {st.get('percent', 0.0):.0f}%); "
+                       "generate once setup is complete")
+        else:
+            message = st.pop("detail", None)
+        return state, message, st
+
     def require_ready(self, name: str) -> None:
         state, message, _ = self.state(name)
         if state == "ready":
@@ -93,15 +138,15 @@ class Backends:
         code = MODEL_LOAD_FAILED if state == "damaged" else MODEL_NOT_FOUND
         raise LofiError(code, message, {"backend": name, "state": state})
 
-    def engine_name(self) -> str:
+    def engine_name(self, backend: str = "ace-step") -> str:
         """The engine a job will run on: what track ids are computed with."""
         if self.settings.engine != "auto":
             return self.settings.engine
         from lofi.engines import default_engine  # find_spec (and a one-time CUDA probe) only
-        return default_engine(self.settings.device, self.settings.checkpoint_dir)
+        return default_engine(self.settings.device, checkpoint_dir(self.settings, backend), backend)
 
-    def identity(self) -> tuple[str, str]:
-        engine = self.engine_name()
+    def identity(self, backend: str = "ace-step") -> tuple[str, str]:
+        engine = self.engine_name(backend)
         return engine, self._precision(engine)
 
     def _precision(self, engine: str | None) -> str:
@@ -121,9 +166,8 @@ class Backends:
         state, message, detail = self.state(name)
         base = dict(detail, name=name, state=state, message=message, current=name == self.current,
                     type=NVIM_NAMES[name], status=NVIM_STATUS.get(state, "error"))
-        if name == "musicgen":  # the model's own figures (32 kHz, up to 30 s), though not installed
-            return dict(base, min_duration_sec=5, max_duration_sec=30, sample_rate=32000,
-                        model_version=None, engine=None, device=None, precision=None, path=None)
+        if name == "musicgen":
+            return self._describe_musicgen(base, live or {})
         try:
             engine, engine_message = self.engine_name(), None
         except LofiError as e:
@@ -137,3 +181,29 @@ class Backends:
                     precision=live.get("precision") or self._precision(engine),
                     engine_message=engine_message, engines=available_engines(self.settings.checkpoint_dir),
                     path=str(self.settings.checkpoint_dir))
+
+    def _describe_musicgen(self, base: dict, live: dict) -> dict:
+        from lofi.engines import available_engines
+        from lofi.musicgen.params import MAX_DURATION as MG_MAX, MIN_DURATION as MG_MIN
+        from lofi.musicgen.windows import CONTEXT_SEC, WINDOW_SEC
+        root = checkpoint_dir(self.settings, "musicgen")
+        try:
+            engine, engine_message = self.engine_name("musicgen"), None
+        except LofiError as e:
+            engine, engine_message = None, e.message
+        version = None
+        if base["state"] == "ready":
+            from lofi.musicgen.configs import load_config
+            from lofi.musicgen.pipeline import model_version
+            try:
+                version = model_version(load_config(root))
+            except LofiError:
+                version = None
+        return dict(base, min_duration_sec=int(MG_MIN), max_duration_sec=int(MG_MAX),
+                    sample_rate=SAMPLE_RATE, model_version=version,
+                    engine=live.get("engine") or engine,
+                    device=live.get("device") or self.predicted_device(engine),
+                    precision=live.get("precision") or self._precision(engine),
+                    engine_message=engine_message,
+                    engines=available_engines(root, "musicgen"), path=str(root),
+                    window_sec=WINDOW_SEC, context_sec=CONTEXT_SEC, license="CC-BY-NC-4.0")

@@ -291,7 +291,7 @@ class Worker(threading.Thread):
         if self.pipeline is None:
             self.d.backends.require_ready(backend)
             try:
-                self.pipeline = backends.open_pipeline(self.d.settings)
+                self.pipeline = backends.open_pipeline(self.d.settings, backend)
             except LofiError:
                 raise
             except MemoryError as e:
@@ -299,7 +299,7 @@ class Worker(threading.Thread):
             except Exception as e:
                 raise LofiError(MODEL_LOAD_FAILED, f"cannot start the engine: {type(e).__name__}: {e}") from e
             self.pipeline_backend = backend
-            self.model = backends.model_id(self.d.settings.checkpoint_dir)
+            self.model = backends.model_id(backends.checkpoint_dir(self.d.settings, backend), backend)
         return self.pipeline
 
     def _refresh_live(self) -> None:

@@ -25,6 +25,7 @@ from lofi.errors import (INVALID_DURATION, INVALID_PARAMS, MODEL_INFERENCE_FAILE
                       MODEL_NOT_FOUND, QUEUE_FULL, UNKNOWN_TRACK, LofiError)
 from lofi.acestep.tasks import resolve as resolve_task
 from lofi.params import SOURCE_TASKS, GenerateParams
+from lofi.daemon import backends
 from lofi.daemon.cache import CACHE_WRITE_FAILED
 from lofi.daemon.jobs import PRIORITIES, Job, cancelled_payload, complete_payload
 from lofi.daemon.transport import MAX_LINE, Oversized, parse
@@ -224,7 +225,6 @@ def _handle_one(daemon, msg, call: Call) -> dict | None:
 # -- methods -----------------------------------------------------------------------------------
 
 _GEN_FIELDS = [f for f in GenerateParams.field_names() if not f.endswith("_sha256")]  # ours
-_FLOAT_FIELDS = [f for f in _GEN_FIELDS if isinstance(getattr(GenerateParams, f, None), float)]
 
 
 _SCALARS = {"str": (str,), "float": (int, float), "int": (int,), "bool": (bool,),
@@ -273,7 +273,9 @@ def _unalias(params: dict) -> dict:
 
 @method("generate", checks_own_params=True)
 def generate(d, params: dict, call: Call) -> dict:
-    accepted = _GEN_FIELDS + ["priority", "backend"]
+    from lofi.musicgen.params import MusicgenParams
+    fields = _GEN_FIELDS + [f for f in MusicgenParams.field_names() if f not in _GEN_FIELDS]
+    accepted = fields + ["priority", "backend"]
     for k in params:
         if k not in accepted and k not in PARAM_ALIASES:
             raise bad_param(k, f"unknown parameter {k!r} (accepted: {', '.join(accepted)}; "
@@ -291,14 +293,13 @@ def generate(d, params: dict, call: Call) -> dict:
         d.backends.require_ready(backend)
     if params.get("task") in SOURCE_TASKS:
         params = dict(params, duration_sec=None)  # the source fixes the length
-    gp = GenerateParams(**{k: params[k] for k in _GEN_FIELDS if k in params}).validate()
-    resolve_task(gp, d.cache.root, d.settings.home / "lora")  # source file, window, LoRA
-    for k in _FLOAT_FIELDS + ["duration_sec"]:  # 15 and 15.0 are the same track
-        setattr(gp, k, float(getattr(gp, k)))
+    # each backend its own request; the other backend's parameters are refused by name
+    gp = backends.build_params(backend, {k: params[k] for k in fields if k in params},
+                               lambda p: resolve_task(p, d.cache.root, d.settings.home / "lora"))
     explicit_seed = gp.seed is not None
     if not explicit_seed:
         gp.seed = secrets.randbits(32)
-    engine, precision = d.backends.identity()
+    engine, precision = d.backends.identity(backend)
     track_id = gp.track_id(engine, precision)
     if explicit_seed:
         track = d.cache.lookup(track_id, touch=True)
@@ -391,7 +392,7 @@ def get_backends(d, params: dict, call: Call) -> dict:
 def set_backend(d, params: dict, call: Call) -> dict:
     name = d.backends.check_name(params["backend"])
     state, message, _ = d.backends.state(name)
-    if name == "musicgen":
+    if name == "musicgen" and state == "not_installed":  # nothing to switch to before its setup
         raise LofiError(MODEL_NOT_FOUND, message, {"backend": name, "state": state})
     previous, d.backends.current = d.backends.current, name
     if previous != name:

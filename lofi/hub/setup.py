@@ -238,6 +238,8 @@ def _run(plan: Plan, progress: Progress, notice, notices, cancel, token) -> Setu
     records = {k: v for k, v in old["files"].items() if k in {f.path for f in remote.files}}
     state = {"repo": remote.repo, "revision": remote.commit, "requested": remote.requested,
              "complete": False, "files": records, "removed": list(plan.removed), "damaged": []}
+    if old.get("license_accepted"):
+        state["license_accepted"] = old["license_accepted"]
     save_state(root, state)
 
     sizes = {f.path: f.size for f in remote.files}
@@ -368,7 +370,7 @@ def backend_state(home: str | Path | None = None, engine: str = "mlx", spec: Mod
     if not state.get("complete"):
         parts = list((meta_dir(root) / "partial").glob("*.part"))
         what = "download interrupted" if parts or not state.get("files") else "setup interrupted"
-        return {**out, "state": "damaged", "detail": f"{what}; run `lofi setup ace-step` to resume"}
+        return {**out, "state": "damaged", "detail": f"{what}; run `lofi setup {spec.backend}` to resume"}
     removed = set(state.get("removed", []))
     bad = list(state.get("damaged", [])) + [
         rel for rel, rec in state["files"].items()
@@ -376,7 +378,7 @@ def backend_state(home: str | Path | None = None, engine: str = "mlx", spec: Mod
     if bad:
         return {**out, "state": "damaged", "files": bad,
                 "detail": f"changed or missing since setup: {', '.join(bad[:4])}; "
-                          "run `lofi setup ace-step` to repair"}
+                          f"run `lofi setup {spec.backend}` to repair"}
     if removed and engine != "mlx":
         return {**out, "state": "damaged", "detail": "the original weights were removed after the MLX "
                 "conversion; run `lofi setup ace-step --keep-original` to fetch them again"}
@@ -389,16 +391,19 @@ def backend_state(home: str | Path | None = None, engine: str = "mlx", spec: Mod
 
 def _state_without_record(root: Path, spec: ModelSpec) -> dict:
     """A checkpoint placed by hand: ready if it is complete and parses."""
-    if not root.is_dir() or not any((root / d).exists() for d in spec.folders):
+    # a folder-less layout (MusicGen) is present once its config.json is
+    marks = spec.folders or ("config.json",)
+    if not root.is_dir() or not any((root / d).exists() for d in marks):
         parts = list((meta_dir(root) / "partial").glob("*.part")) if root.is_dir() else []
         if parts:
-            return {"state": "damaged", "detail": "download interrupted; run `lofi setup ace-step` to resume"}
+            return {"state": "damaged",
+                    "detail": f"download interrupted; run `lofi setup {spec.backend}` to resume"}
         return {"state": "not_installed"}
     from lofi.checkpoint import check_checkpoint
     try:
-        check_checkpoint(root)
+        (spec.check_local or check_checkpoint)(root)
     except LofiError as e:
-        return {"state": "damaged", "detail": f"{e.message}; run `lofi setup ace-step` to repair"}
+        return {"state": "damaged", "detail": f"{e.message}; run `lofi setup {spec.backend}` to repair"}
     return {"state": "ready"}
 
 

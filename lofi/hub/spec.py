@@ -19,6 +19,10 @@ class ModelSpec:
     check_listing: Callable[[str, str, list], None]  # raises when the listing is not this model
     component_of: Callable[[str], "str | None"]      # file -> the network it belongs to
     folders: tuple = ()
+    # a checkpoint placed by hand (no setup record): raises LofiError when it is not usable
+    check_local: "Callable[[object], object] | None" = None
+    # a licence the user must accept before the download: (name, url of the licence, model card)
+    license: "tuple[str, str, str] | None" = None
 
     def revision(self, revision: str | None = None) -> str:
         return revision or os.environ.get(self.revision_env) or self.default_revision

@@ -308,14 +308,20 @@ local function confirm_setup(lofi, backend)
         )
       )
     end
-    local msg = ("Set up %s in %s:\ndownload %s (model %s in all), free disk %s.\nStart now?"):format(
+    local msg = ("Set up %s in %s:\ndownload %s (model %s in all), free disk %s."):format(
       backend,
       tostring(plan.path),
       human_bytes(plan.download_bytes or 0),
       human_bytes(plan.total_bytes),
       human_bytes(plan.free_bytes)
     )
-    if vim.fn.confirm(msg, "&Yes\n&No", 2) ~= 1 then
+    local licence = plan.license and not plan.license_accepted
+    if licence then
+      -- MusicGen's weights are non-commercial: the Yes below is the explicit consent
+      msg = ("%s\n\nThe weights are licensed %s (non-commercial use only).\nLicence: %s\nModel card: %s\n"
+        .. "Yes accepts the licence."):format(msg, plan.license, tostring(plan.license_url), tostring(plan.model_card))
+    end
+    if vim.fn.confirm(msg .. "\nStart now?", "&Yes\n&No", 2) ~= 1 then
       return info("setup cancelled")
     end
     info("setting up " .. backend .. " (progress in the statusline)")
@@ -325,7 +331,7 @@ local function confirm_setup(lofi, backend)
       else
         info(("%s is ready (%s)"):format(backend, tostring(res and res.state or "ready")))
       end
-    end)
+    end, { accept_license = licence or nil })
   end)
 end
 

@@ -314,11 +314,16 @@ end
 
 --- Download, verify and convert a backend's model (daemon method `setup`). Progress comes as
 --- download_progress events; `cb(err, result)` runs once, when the setup has finished.
-function M.install(backend, cb)
+---@param opts table? { accept_license = true }: the user said yes to the model's licence (MusicGen)
+function M.install(backend, cb, opts)
   validate("backend", backend, "string")
   validate("cb", cb, "function", true)
   cb = cb or default_cb("setup")
-  request("setup", { backend = backend }, function(err, res)
+  local params = { backend = backend }
+  if opts and opts.accept_license then
+    params.accept_license = true
+  end
+  request("setup", params, function(err, res)
     if err then
       return cb(err)
     end
