@@ -3,7 +3,9 @@
 Pure numpy and deterministic, so tests can rebuild the exact expected stream. A crossfade of N
 frames from track A into track B starts N frames before A's end; output frame k of the window is
     A[len(A) - N + k] * cos(pi/2 * k/N) + B[k] * sin(pi/2 * k/N),    k = 0 .. N-1
-(the two gains' squares sum to 1: constant power for uncorrelated music). N = 0 is a butt join:
+(the two gains' squares sum to 1: constant power for uncorrelated music). With curve "linear"
+the gains are 1 - k/N and k/N instead (constant amplitude: for joining two decodes of the same
+music, which are correlated and would swell by 3 dB under equal power). N = 0 is a butt join:
 B's first frame follows A's last. When A reaches its crossfade point and nothing is queued, the
 mix either loops A (crossfading A's tail into its own start, so the seam is as smooth as any
 transition) or holds (plays A out, then silence); a track queued meanwhile crossfades in at once.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 WAIT_MODES = ("loop", "hold")
+CURVES = ("power", "linear")
 
 
 @dataclass
@@ -46,9 +49,13 @@ class Mixer:
     ("ended", token, frame)    a track's last frame has been output (its fade-out is complete)
     Not thread-safe: the owner serialises calls (the player process holds one lock)."""
 
-    def __init__(self, channels: int = 2, crossfade_frames: int = 0, wait_mode: str = "loop"):
+    def __init__(self, channels: int = 2, crossfade_frames: int = 0, wait_mode: str = "loop",
+                 curve: str = "power"):
         if wait_mode not in WAIT_MODES:
             raise ValueError(f"wait_mode must be one of {', '.join(WAIT_MODES)}")
+        if curve not in CURVES:
+            raise ValueError(f"curve must be one of {', '.join(CURVES)}")
+        self.curve = curve
         self.channels = channels
         self.crossfade = max(0, int(crossfade_frames))
         self.wait_mode = wait_mode
@@ -92,7 +99,11 @@ class Mixer:
                 m = min(n - i, self.fade_n - self.fade_k)
                 k = (self.fade_k + np.arange(m, dtype=np.float64))[:, None] * (np.pi / 2 / self.fade_n)
                 a, b = self.old.take(m), self.cur.take(m)
-                out[i:i + m] = a * np.cos(k).astype(np.float32) + b * np.sin(k).astype(np.float32)
+                if self.curve == "linear":
+                    t = (k * (2 / np.pi)).astype(np.float32)
+                    out[i:i + m] = a * (1 - t) + b * t
+                else:
+                    out[i:i + m] = a * np.cos(k).astype(np.float32) + b * np.sin(k).astype(np.float32)
                 self.fade_k += m
                 i += m
                 if self.fade_k == self.fade_n:

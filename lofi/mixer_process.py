@@ -6,7 +6,7 @@ GIL and starve the device. This process has a GIL of its own, shared only with a
 (which decodes files outside the mixer lock) and two writer threads, so the callback never
 waits on generation. The daemon talks to it over pipes, one JSON object per line:
 
-  daemon -> player  {"cmd": "queue", "token", "path"} | "skip" | "clear" | "pause" | "resume"
+  daemon -> player  {"cmd": "queue", "token", "path", "offset"?} | "skip" | "clear" | "pause" | "resume"
                     | {"cmd": "volume", "volume"} | {"cmd": "config", "crossfade_sec"?,
                     "wait_mode"?} | "quit" (or end of input)
   player -> daemon  {"ev": "ready", "backend"} | {"ev": "error", "message"}
@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from lofi.errors import LofiError
-from lofi.mix import WAIT_MODES, Mixer
+from lofi.mix import CURVES, WAIT_MODES, Mixer
 
 SAMPLE_RATE = 48000
 CHANNELS = 2
@@ -49,11 +49,12 @@ PLAYBACK_FAILED = "PLAYBACK_FAILED"
 # -- the player process ---------------------------------------------------------------------------
 
 class _Player:
-    def __init__(self, backend: str, crossfade_sec: float, wait_mode: str, volume: float, out):
+    def __init__(self, backend: str, crossfade_sec: float, wait_mode: str, volume: float, out,
+                 curve: str = "power"):
         import miniaudio
 
         self.ma = miniaudio
-        self.mixer = Mixer(CHANNELS, round(crossfade_sec * SAMPLE_RATE), wait_mode)
+        self.mixer = Mixer(CHANNELS, round(crossfade_sec * SAMPLE_RATE), wait_mode, curve)
         self.lock = threading.Lock()  # held only for short mixer calls, never while decoding
         self.gain = (volume / 100.0) ** 2
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -153,6 +154,10 @@ class _Player:
         if kind == "queue":
             try:
                 data = self._decode(cmd["path"])
+                offset = int(cmd.get("offset") or 0)  # a continuation's context is not played
+                if not 0 <= offset < len(data):
+                    raise ValueError(f"offset {offset} outside the track's {len(data)} frames")
+                data = data[offset:]
             except Exception as e:
                 self.send({"ev": "load_error", "token": cmd["token"], "message": str(e)})
                 return True
@@ -210,11 +215,13 @@ def main(argv=None) -> int:
     ap.add_argument("--crossfade-sec", type=float, default=4.0)
     ap.add_argument("--wait-mode", choices=WAIT_MODES, default="loop")
     ap.add_argument("--volume", type=float, default=80.0)
+    ap.add_argument("--curve", choices=CURVES, default="power")
     args = ap.parse_args(argv)
     out = os.fdopen(os.dup(1), "wb")  # the protocol's own stdout; fd 1 goes to stderr
     os.dup2(2, 1)
     try:
-        player = _Player(args.backend, args.crossfade_sec, args.wait_mode, args.volume, out)
+        player = _Player(args.backend, args.crossfade_sec, args.wait_mode, args.volume, out,
+                         args.curve)
     except Exception as e:
         out.write(json.dumps({"ev": "error", "message": f"{type(e).__name__}: {e}"}).encode() + b"\n")
         out.flush()
@@ -242,14 +249,15 @@ class MixerProcess:
     """Starts the player process and talks to it; `on_event(msg)` runs on a reader thread."""
 
     def __init__(self, backend: str, crossfade_sec: float, wait_mode: str, volume: float,
-                 on_event: Callable[[dict], None], start_timeout: float = 20.0):
+                 on_event: Callable[[dict], None], start_timeout: float = 20.0,
+                 curve: str = "power"):
         from lofi.playback import _die_with_parent
 
         kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lofi.mixer_process", "--backend", backend,
              "--crossfade-sec", repr(float(crossfade_sec)), "--wait-mode", wait_mode,
-             "--volume", repr(float(volume))],
+             "--volume", repr(float(volume)), "--curve", curve],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kwargs)
         self.on_event = on_event
         self.stats: dict = {"underruns": 0, "frames": 0, "callbacks": 0, "min_margin_ms": None}

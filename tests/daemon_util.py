@@ -197,7 +197,8 @@ class FakePipeline:
     """Follows Pipeline.generate's contract (stages, progress fractions, cancel polling,
     atomic write at the end) with `FAKE_STEP_SEC` seconds per diffusion step (the DCAE and the
     vocoder take `FAKE_DECODE_STEPS` = "dcae,vocoder" steps, default "1,1"), writing a real
-    48 kHz stereo sine. A prompt containing FAIL_INFERENCE raises MODEL_INFERENCE_FAILED at step
+    48 kHz stereo sine (an extend keeps its source in place, the sine around it). A prompt
+    containing FAIL_INFERENCE raises MODEL_INFERENCE_FAILED at step
     2; one containing FAIL_CRASH raises a plain RuntimeError (a bug, as the daemon sees it)."""
 
     def __init__(self, step_sec: float, decode_steps: tuple[float, float] = (1.0, 1.0)):
@@ -247,10 +248,15 @@ class FakePipeline:
         n = round(params.duration_sec * 48000)
         t = np.arange(n) / 48000.0
         tone = 0.2 * np.sin(2 * np.pi * (220 + params.seed % 200) * t)
+        wave = np.stack([tone, tone], 1).astype(np.float32)
+        if getattr(params, "task", None) == "extend":  # the source kept as it is, the tone around it
+            src, _ = sf.read(params.src_audio, dtype="float32", always_2d=True)
+            at = round(params.left_sec * 48000)
+            m = min(len(src), n - at)
+            wave[at:at + m] = src[:m]
         out_path = Path(out_path)
         tmp = out_path.with_name("." + out_path.name + ".tmp")
-        sf.write(tmp, np.stack([tone, tone], 1).astype(np.float32), 48000, format=fmt.upper(),
-                 subtype="PCM_16")
+        sf.write(tmp, wave, 48000, format=fmt.upper(), subtype="PCM_16")
         os.replace(tmp, out_path)
         return {"path": str(out_path), "duration_sec": n / 48000, "sample_rate": 48000, "channels": 2,
                 "seed": params.seed, "generation_time_sec": time.perf_counter() - t0,

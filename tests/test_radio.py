@@ -105,6 +105,36 @@ def test_crossfade_zero_is_a_sample_exact_butt_join(tmp_path):
     assert np.array_equal(out[:end].astype(np.float32), want.astype(np.float32))
 
 
+def test_continue_is_one_piece_each_track_extending_the_last(tmp_path):
+    """Strategy continue: track n+1 is an extend of track n's last context_sec (the fake keeps
+    the source in place), the player starts it JOIN before the new music with a linear join,
+    so identical audio on both sides of the join plays as one unbroken stream."""
+    d, cap = start_daemon(tmp_path)
+    with d:
+        res = d.call("radio_start", {"prompt": "lofi radio", "strategy": "continue", "duration_sec": 5,
+                                     "context_sec": 2, "infer_steps": 2, "volume": 100, "seed": 7})
+        assert res["strategy"] == "continue" and res["crossfade_sec"] == 0.25
+        assert res["context_sec"] == 2.0
+        tracks = radio_tracks(d, 3)
+        out = stop_and_capture(d, cap, linger=1.0)
+        jobs = [p for p in d.events("generation_start")]
+        left = list((d.home / "radio").iterdir())
+    assert left == [], f"context files left behind: {left}"
+    a, b, c = (load(t["path"]) for t in tracks[:3])
+    ctx, join = 2 * SR, round(0.25 * SR)
+    assert len(a) == 5 * SR and len(b) == len(c) == ctx + 5 * SR
+    assert np.allclose(b[:ctx], a[-ctx:], atol=1e-4) and np.allclose(c[:ctx], b[-ctx:], atol=1e-4)
+    s1, s2 = tracks[1]["start_frame"], tracks[2]["start_frame"]
+    assert s1 == len(a) - join and s2 == s1 + (len(b) - (ctx - join)) - join
+    assert [t["prompt"] for t in tracks[:3]] == ["lofi radio"] * 3
+    assert len(jobs) >= 3 and jobs[1]["track_id"] == tracks[1]["track_id"]
+    # the played stream: a, then b from its new music on, then c (the joins blend equal audio)
+    want = np.concatenate([a, b[ctx:], c[ctx:]])
+    end = min(len(out), len(want))
+    assert end > s2 + join
+    assert np.allclose(out[:end], want[:end], atol=2e-4), np.abs(out[:end] - want[:end]).max()
+
+
 def test_slow_generation_waits_looping_then_crossfades_in(tmp_path):
     # ~6 s per 5 s track: the second is requested at once (the measured time says half is too
     # late) and still misses the crossfade point at 4 s, so the first loops until it arrives
@@ -184,8 +214,15 @@ def test_users_generate_goes_before_the_radios_next_track(tmp_path):
 def test_bad_requests_are_refused_clearly(tmp_path):
     d, _ = start_daemon(tmp_path)
     with d:
-        r = d.request("radio_start", {"prompt": "x", "strategy": "continue"})
-        assert r["error"]["code"] == -32602 and "extend" in r["error"]["message"]
+        r = d.request("radio_start", {"prompt": "x", "strategy": "continue", "duration_sec": 5,
+                                      "context_sec": 3})
+        assert r["error"]["data"]["field"] == "context_sec" and "half" in r["error"]["message"]
+        r = d.request("radio_start", {"prompt": "x", "context_sec": 2})
+        assert r["error"]["data"]["field"] == "context_sec" and "continue" in r["error"]["message"]
+        r = d.request("radio_start", {"prompt": "x", "strategy": "continue", "duration_sec": 230})
+        assert r["error"]["data"]["code"] == "INVALID_DURATION" and "context" in r["error"]["message"]
+        r = d.request("radio_start", {"prompt": "x", "task": "repaint"})
+        assert r["error"]["data"]["field"] == "task"
         r = d.request("radio_start", {"strategy": "same_prompt"})
         assert r["error"]["data"]["field"] == "prompt"
         r = d.request("radio_start", {"prompt": "x", "duration_sec": 5, "crossfade_sec": 3})
@@ -248,6 +285,22 @@ def test_no_underruns_while_the_tiny_model_generates(tmp_path):
     assert ran is not None, "the model was not generating during the stretch"
     assert st["underruns"] == 0 and st["state"] in ("playing", "waiting")
     assert np.percentile(lat, 95) < 0.1, f"ping p95 {np.percentile(lat, 95) * 1000:.0f} ms"
+
+
+def test_continue_on_the_tiny_model_extends_the_playing_tracks_tail(tmp_path):
+    d, cap = start_daemon(tmp_path, real=True)
+    with d:
+        d.call("radio_start", {"prompt": "lofi radio", "strategy": "continue", "duration_sec": 5,
+                               "context_sec": 2, "infer_steps": 3, "seed": 11})
+        tracks = radio_tracks(d, 2, timeout=180)
+        out = stop_and_capture(d, cap)
+        st = d.call("radio_status")
+    a, b = load(tracks[0]["path"]), load(tracks[1]["path"])
+    assert len(a) == 5 * SR and len(b) == 7 * SR and np.all(np.isfinite(b))
+    assert tracks[1]["start_frame"] >= len(a) - SR // 4  # later if the first had to loop
+    assert st["history"][0]["track_id"] == tracks[1]["track_id"]
+    assert len(out) > len(a) and np.abs(out[len(a):]).max() > 0  # the continuation sounded
+    assert not (d.home / "radio").exists() or not list((d.home / "radio").iterdir())
 
 
 def _gone(pid, timeout=5.0):

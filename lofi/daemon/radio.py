@@ -13,21 +13,31 @@ track is prefetched: it is requested when the current one reaches half its lengt
 when the measured generation time says it would otherwise arrive after the crossfade point. Its
 job is queued at priority normal but behind every other normal job, so a user's own `generate`
 is served first. Radio tracks are ordinary cache entries; `radio_keep` pins one against eviction.
+
+Strategy `continue` makes one endless piece: every track after the first is an ACE-Step `extend`
+of the last `context_sec` (default 20 s) of the track before (written under `$LOFI_HOME/radio/`, removed once its
+job ends), and the player starts it where the new music begins. The join is not a crossfade
+between pieces: it blends the last JOIN_SEC of the playing track with the same audio as the
+continuation decoded it again (the vocoder does not reproduce phase, so a sample-exact butt join
+of two decodes would click). The radio's tracks are ACE-Step's, whatever the current backend.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import random
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from lofi.errors import INVALID_PARAMS, QUEUE_FULL, UNKNOWN_TRACK, LofiError
+from lofi.errors import INVALID_DURATION, INVALID_PARAMS, QUEUE_FULL, UNKNOWN_TRACK, LofiError
 from lofi.mix import WAIT_MODES
 from lofi.mixer_process import MixerProcess
-from lofi.params import GenerateParams
+from lofi.params import MAX_DURATION, GenerateParams
 from lofi.playback import PLAYBACK_FAILED, player_mode
 
 log = logging.getLogger("lofi.radio")
@@ -39,25 +49,30 @@ PRESETS = (
     "lofi jazz, upright bass, brushed drums, muted trumpet, 90 bpm",
     "lofi beats, nylon guitar, lazy swing, cassette warmth, 75 bpm",
 )
-STRATEGIES = ("same_prompt", "preset_cycle", "random_preset")
-# Strategies whose mode the engine does not have yet. `continue` will ask for an `extend` of the
-# current track's tail (a Strategy with crossfade=False); until then it is refused by name.
-PLANNED = {"continue": "strategy 'continue' needs ACE-Step's extend mode (audio input), which this "
-                       "daemon does not support yet; use same_prompt, preset_cycle or random_preset"}
+STRATEGIES = ("same_prompt", "preset_cycle", "random_preset", "continue")
+CONTEXT_SEC = 20.0  # default context_sec: how much of the playing track a continuation hears
+JOIN_SEC = 0.25
+SR = 48000
+BACKEND = "ace-step"  # the radio's parameters and modes are ACE-Step's
 DEFAULT_DURATION = 120.0
 DEFAULT_CROSSFADE = 4.0
 MAX_FAILURES = 3  # generation failures in a row before the radio gives up
 RADIO_SEQ = 1 << 60  # queue order: behind every normal job a user sends, ahead of none
 EARLY_MARGIN = 1.25  # the estimated generation time is stretched by this before comparing
 
-_GEN = [f for f in GenerateParams.field_names() if f not in ("prompt", "duration_sec", "seed")]
+# the source-task fields are the `continue` strategy's to set
+_OWN = ("prompt", "duration_sec", "seed", "task", "src_audio", "src_sha256", "retake_seed",
+        "start_sec", "end_sec", "left_sec", "right_sec", "target_prompt", "strength",
+        "edit_n_min", "edit_n_max", "edit_n_avg", "lora_sha256")
+_GEN = [f for f in GenerateParams.field_names() if f not in _OWN]
 _TYPES = {f: ((bool,) if isinstance(getattr(GenerateParams, f, None), bool) else
               (str,) if isinstance(getattr(GenerateParams, f, None), str) else
               (int,) if f == "infer_steps" else (int, float)) for f in _GEN}
 SPEC = dict({f: (_TYPES[f], False) for f in _GEN},
             prompt=((str,), False), prompts=((list,), False), strategy=((str,), False),
             duration_sec=((int, float), False), crossfade_sec=((int, float), False),
-            wait_mode=((str,), False), volume=((int, float), False), seed=((int,), False))
+            wait_mode=((str,), False), volume=((int, float), False), seed=((int,), False),
+            context_sec=((int, float), False))
 
 
 def _bad(name: str, message: str) -> LofiError:
@@ -65,10 +80,8 @@ def _bad(name: str, message: str) -> LofiError:
 
 
 class Strategy:
-    """What each track is asked for. `continue` will subclass this: `request` returning the
-    extend-mode fields for the previous track's tail, and crossfade = False (the player then
-    butt-joins the tracks, which already flow into each other)."""
-    crossfade = True
+    """What each track is asked for: its prompt (the radio adds `continue`'s extend fields)."""
+
 
     def __init__(self, name: str, prompts: list[str]):
         self.name, self.prompts = name, prompts
@@ -81,7 +94,7 @@ class Strategy:
     def prompt(self, index: int, previous: str | None) -> str:
         if self.name == "same_prompt":
             return self.prompts[0]
-        if self.name == "preset_cycle":
+        if self.name in ("preset_cycle", "continue"):
             return self.prompts[index % len(self.prompts)]
         choices = [p for p in self.prompts if p != previous] or self.prompts
         return self._rng.choice(choices)
@@ -100,6 +113,8 @@ class Entry:
     started_at: float | None = None
     start_frame: int | None = None
     kept: bool = False
+    offset: int = 0  # frames of the file before what is played (a continuation's context)
+    tail: str | None = None  # the context file this entry's job reads (ours, removed after)
     job: object = field(default=None, repr=False)
 
     def public(self) -> dict:
@@ -110,15 +125,15 @@ class Entry:
 def parse(params: dict) -> dict:
     """radio_start's params -> a checked configuration (raises INVALID_PARAMS)."""
     strategy = params.get("strategy", "same_prompt")
-    if strategy in PLANNED:
-        raise _bad("strategy", PLANNED[strategy])
     if strategy not in STRATEGIES:
         raise _bad("strategy", f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     prompts = params.get("prompts")
     if prompts is not None and (not prompts or not all(isinstance(p, str) and p.strip() for p in prompts)):
         raise _bad("prompts", "prompts must be a non-empty list of non-empty strings")
     prompt = params.get("prompt")
-    if strategy == "same_prompt":
+    if strategy in ("same_prompt", "continue") and prompt is not None:
+        prompts = [prompt]
+    elif strategy == "same_prompt":
         prompts = [prompt] if prompt is not None else (prompts[:1] if prompts else None)
         if not prompts:
             raise _bad("prompt", "strategy same_prompt needs a prompt")
@@ -126,9 +141,22 @@ def parse(params: dict) -> dict:
         prompts = list(prompts or ([prompt] if prompt else []) or PRESETS)
     crossfade = float(params.get("crossfade_sec", DEFAULT_CROSSFADE))
     duration = float(params.get("duration_sec", DEFAULT_DURATION))
-    if not 0 <= crossfade <= 30:
+    context = float(params.get("context_sec", CONTEXT_SEC))
+    if "context_sec" in params and strategy != "continue":
+        raise _bad("context_sec", "context_sec applies to strategy continue only")
+    if strategy == "continue":
+        if not 1 <= context <= duration / 2:
+            raise _bad("context_sec", f"context_sec must be from 1 to half of duration_sec "
+                       f"({duration / 2:g}), got {context:g}")
+        if duration + context > MAX_DURATION:
+            raise LofiError(INVALID_DURATION, f"strategy continue extends context_sec "
+                            f"({context:g} s) of the track before by duration_sec: at most "
+                            f"{MAX_DURATION - context:g} s, got {duration:g}", {"field": "duration_sec"})
+    if strategy == "continue":
+        crossfade = JOIN_SEC  # tracks are one piece: joined, not crossfaded (crossfade_sec unused)
+    elif not 0 <= crossfade <= 30:
         raise _bad("crossfade_sec", f"crossfade_sec must be from 0 to 30, got {crossfade:g}")
-    if crossfade > duration / 2:
+    elif crossfade > duration / 2:
         raise _bad("crossfade_sec", f"crossfade_sec ({crossfade:g}) must be at most half of "
                    f"duration_sec ({duration:g})")
     wait_mode = params.get("wait_mode", "loop")
@@ -139,7 +167,8 @@ def parse(params: dict) -> dict:
     for p in prompts:  # every generation parameter is checked now, not at the third track
         GenerateParams(prompt=p, duration_sec=duration, seed=seed, **base).validate()
     return {"strategy": Strategy(strategy, prompts), "crossfade_sec": crossfade,
-            "duration_sec": duration, "wait_mode": wait_mode, "base": base, "seed": seed}
+            "duration_sec": duration, "wait_mode": wait_mode, "base": base, "seed": seed,
+            "context_sec": context}
 
 
 class Radio:
@@ -169,8 +198,9 @@ class Radio:
                             f"miniaudio; LOFI_PLAYER={mode} plays through an external program")
         self.mixer = MixerProcess(
             "null" if mode == "null" else "auto",
-            cfg["crossfade_sec"] if self.strategy.crossfade else 0.0, cfg["wait_mode"], volume,
-            on_event=lambda msg: self._post("player", msg))
+            cfg["crossfade_sec"], cfg["wait_mode"], volume,
+            on_event=lambda msg: self._post("player", msg),
+            curve="linear" if self.strategy.name == "continue" else "power")
         self.player_name = f"miniaudio ({self.mixer.backend})"
         self.thread = threading.Thread(target=self._run, name="lofi-radio", daemon=True)
 
@@ -229,31 +259,44 @@ class Radio:
         """Ask for the next track: straight from the cache if it exists, else a queued job."""
         from lofi.daemon.jobs import Job
 
+        from lofi.acestep.tasks import resolve as resolve_task
+        from lofi.daemon.backends import build_params
+
         d, i = self.d, self.index
-        fields = self.strategy.request(i, self.current or (self.history[-1] if self.history else None))
+        previous = self.current or (self.history[-1] if self.history else None)
+        fields = self.strategy.request(i, previous)
         seed = (self.cfg["seed"] + i) % 2**32 if self.cfg["seed"] is not None else secrets.randbits(32)
         e = Entry(i, fields["prompt"], seed, requested_at=time.monotonic())
-        gp = GenerateParams(duration_sec=self.cfg["duration_sec"], seed=seed,
-                            **dict(self.cfg["base"], **fields)).validate()
-        for k in ("duration_sec", "guidance_scale", "omega_scale", "guidance_interval",
-                  "guidance_interval_decay", "min_guidance_scale"):
-            setattr(gp, k, float(getattr(gp, k)))  # the generate method's spelling of the same track
-        engine, precision = d.backends.identity()
+        given = dict(self.cfg["base"], duration_sec=self.cfg["duration_sec"], seed=seed, **fields)
+        if self.strategy.name == "continue" and previous is not None and previous.path:
+            e.tail, e.offset = self._write_tail(previous, i)
+            given.update(task="extend", src_audio=e.tail, right_sec=self.cfg["duration_sec"],
+                         retake_seed=(seed + 1) % 2**32, duration_sec=None)
+        try:
+            # the generate method's spelling of the same track (numbers as floats, source hashed)
+            gp = build_params(BACKEND, given,
+                              lambda p: resolve_task(p, d.cache.root, d.settings.home / "lora"))
+        except BaseException:
+            self._drop_tail(e)
+            raise
+        engine, precision = d.backends.identity(BACKEND)
         e.track_id = gp.track_id(engine, precision)
         e.token = f"{i}:{e.track_id}"
         self.index += 1
         cached = d.cache.lookup(e.track_id, touch=True)
         if cached is not None:
+            self._drop_tail(e)
             self.pending = e
             self._on_job(("generation_complete", {"track_id": e.track_id, "path": str(cached.audio),
                                                   "generation_time_sec": 0.0}))
             return
         try:
-            d.backends.require_ready(d.backends.current)
-            job = Job(e.track_id, gp, "normal", d.backends.current, engine, precision,
+            d.backends.require_ready(BACKEND)
+            job = Job(e.track_id, gp, "normal", BACKEND, engine, precision,
                       RADIO_SEQ + d.queue.next_seq())
             e.job, _, _ = d.queue.submit(job, d.estimator)
         except LofiError as err:
+            self._drop_tail(e)
             self.index -= 1
             retry = err.code == QUEUE_FULL
             self._failed(err.message, retry_in=2.0 if retry else None)
@@ -262,12 +305,41 @@ class Radio:
         e.job.announced.set()  # no response to wait for: the worker may start it now
         log.info("radio: requested track %d (%s, seed %d)", i, e.track_id, seed)
 
+    def _write_tail(self, previous: Entry, index: int) -> tuple[str, int]:
+        """The last CONTEXT_SEC of `previous` as a file of ours, and where the continuation's
+        played part starts in its output (the context's length, less the join)."""
+        import soundfile as sf
+
+        from lofi.daemon.files import real_dir, write_new
+        try:
+            wave, sr = sf.read(previous.path, dtype="float32", always_2d=True)
+        except Exception as err:
+            raise LofiError(PLAYBACK_FAILED, f"cannot read the track to continue: {err}") from err
+        if sr != SR:
+            raise LofiError(PLAYBACK_FAILED, f"the track to continue is {sr} Hz, not {SR}")
+        n = min(len(wave), round(self.cfg["context_sec"] * SR))
+        folder = self.d.settings.home / "radio"
+        if not real_dir(folder):
+            os.mkdir(folder, 0o755)  # fails on a link or a file of that name: nothing followed
+        buf = io.BytesIO()
+        sf.write(buf, wave[len(wave) - n:], SR, format="WAV", subtype="FLOAT")
+        path = folder / f"context-{index}-{secrets.token_hex(4)}.wav"
+        write_new(path, buf.getvalue())
+        return str(path), max(0, n - round(JOIN_SEC * SR))
+
+    def _drop_tail(self, e: Entry) -> None:
+        from lofi.daemon.files import unlink
+        if e.tail is not None:
+            unlink(Path(e.tail))
+            e.tail = None
+
     def _on_job(self, ev) -> None:
         method, params = ev
         e = self.pending
         if e is None or params.get("track_id") != e.track_id:
             return
         self.pending = None
+        self._drop_tail(e)
         if method != "generation_complete":
             self._failed(params.get("message") or "the radio's track was cancelled")
             return
@@ -277,7 +349,7 @@ class Radio:
         if params.get("generation_time_sec"):
             self.last_gen_sec = e.gen_sec
         self.ready = e
-        self.mixer.send("queue", token=e.token, path=e.path)
+        self.mixer.send("queue", token=e.token, path=e.path, offset=e.offset)
 
     def _failed(self, message: str, retry_in: float | None = None) -> None:
         if retry_in is None:
@@ -326,7 +398,8 @@ class Radio:
         dur, xf = self.cfg["duration_sec"], self.cfg["crossfade_sec"]
         est = [self.last_gen_sec]
         try:
-            gp = GenerateParams(prompt="x", duration_sec=dur, **self.cfg["base"])
+            gen = dur + (self.cfg["context_sec"] if self.strategy.name == "continue" else 0.0)
+            gp = GenerateParams(prompt="x", duration_sec=gen, **self.cfg["base"])
             est.append(self.d.estimator.total(gp))
             running, pending = self.d.queue.snapshot()
             est.append((self.d.estimator.queue_wait(running, pending) or 0.0) + (est[-1] or 0.0))
@@ -389,6 +462,8 @@ class Radio:
                 return
             self._stopped = True
             job = self.pending.job if self.pending is not None else None
+            if self.pending is not None:
+                self._drop_tail(self.pending)
             self.pending = None
         try:
             self.d.listeners.remove(self.on_notify)
@@ -452,7 +527,7 @@ def register(method) -> None:
     @method("radio_start", SPEC)
     def radio_start(d, params, call):
         cfg = parse(params)
-        d.backends.require_ready(d.backends.current)
+        d.backends.require_ready(BACKEND)
         old = getattr(d, "radio", None)
         if old is not None:
             old.stop("replaced")
@@ -468,7 +543,8 @@ def register(method) -> None:
             d.radio_stops_with_daemon = True
             d.on_stop.append(lambda: d.radio and d.radio.stop("daemon stopping"))
         return {"started": True, "strategy": cfg["strategy"].name, "prompts": cfg["strategy"].prompts,
-                "duration_sec": cfg["duration_sec"], "crossfade_sec": cfg["crossfade_sec"],
+                "duration_sec": cfg["duration_sec"],
+                "crossfade_sec": cfg["crossfade_sec"], "context_sec": cfg["context_sec"],
                 "wait_mode": cfg["wait_mode"], "player": d.radio.player_name}
 
     @method("radio_stop")

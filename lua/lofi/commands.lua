@@ -56,6 +56,8 @@ M.RADIO_WORDS = {
   wait = { "wait_mode", config.WAIT_MODES },
   wait_mode = { "wait_mode", config.WAIT_MODES },
   volume = { "volume", "number" },
+  context = { "context_sec", "number" },
+  context_sec = { "context_sec", "number" },
 }
 
 local function words(s)

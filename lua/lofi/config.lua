@@ -42,14 +42,16 @@ M.defaults = {
   radio = {
     duration_sec = 120, -- each track
     crossfade_sec = 4, -- equal-power crossfade between tracks; 0 = gapless butt join
+    -- strategy "continue": each track extends the last `context_sec` (default 20) of the one
+    -- before, joined without a crossfade (crossfade_sec unused)
     wait_mode = "loop", -- next track late: "loop" the current one or "hold" (play out, then silence)
   },
 }
 
 -- Keys of the radio option (some defaults are nil).
 M.RADIO_KEYS = { strategy = "string", prompts = "table", duration_sec = "number",
-  crossfade_sec = "number", wait_mode = "string", volume = "number" }
-M.RADIO_STRATEGIES = { "same_prompt", "preset_cycle", "random_preset" }
+  crossfade_sec = "number", wait_mode = "string", volume = "number", context_sec = "number" }
+M.RADIO_STRATEGIES = { "same_prompt", "preset_cycle", "random_preset", "continue" }
 M.WAIT_MODES = { "loop", "hold" }
 
 -- Top-level option names (some defaults are nil, so the defaults table cannot list them).

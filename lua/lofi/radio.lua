@@ -4,7 +4,7 @@ local config = require("lofi.config")
 
 local M = {}
 
-M.STRATEGIES = { "same_prompt", "preset_cycle", "random_preset" }
+M.STRATEGIES = config.RADIO_STRATEGIES
 M.WAIT_MODES = { "loop", "hold" }
 
 -- generate() options that also shape the radio's tracks (prompt and duration are the radio's own)

@@ -146,14 +146,14 @@ end)
 
 H.test("radio_refusals", function()
   local got
-  lofi.radio.start({ prompt = "x", strategy = "continue" }, function(err)
+  lofi.radio.start({ prompt = "x", strategy = "continue", duration_sec = 10, context_sec = 8 }, function(err)
     got = err
   end)
   H.wait(10000, function()
     return got ~= nil
   end, "refusal")
   H.eq(got.code, "INVALID_PARAMS", "code")
-  H.matches(got.message, "extend", "says why")
+  H.matches(got.message, "context_sec must be from 1 to half", "says why")
   notes = {}
   vim.cmd("Lofi radio strategy=shuffle")
   H.matches(notes[1] and notes[1].msg, "strategy must be one of", "command refuses a bad strategy")
