@@ -54,6 +54,28 @@ def test_three_tracks_equal_power():
     assert np.allclose(np.cos(g) ** 2 + np.sin(g) ** 2, 1)
 
 
+def test_linear_join_keeps_equal_audio_unchanged():
+    """The continue strategy's join: B starts with A's last N frames (as a continuation does);
+    a linear join of equal audio is that audio, where equal power would swell it by 3 dB."""
+    A = track(1000)
+    N = 120
+    B = np.concatenate([A[-N:], track(700)])
+    m = Mixer(2, N, curve="linear")
+    m.enqueue("a", A)
+    m.enqueue("b", B)
+    out, _ = run(m, 1000 + 700 - N)  # then B, alone, would loop
+    np.testing.assert_allclose(out, np.concatenate([A, B[N:]])[:1700 - N], atol=1e-6)
+    t = (np.arange(N) / N)[:, None]
+    C = track(N)
+    m = Mixer(2, N, curve="linear")
+    m.enqueue("a", A)
+    m.enqueue("c", np.concatenate([C, track(500)]))
+    out, _ = run(m, 1000)
+    np.testing.assert_allclose(out[1000 - N:], A[-N:] * (1 - t) + C * t, atol=1e-6)
+    with pytest.raises(ValueError):
+        Mixer(2, N, curve="cubic")
+
+
 def test_butt_join_is_sample_exact():
     A, B, C = track(500), track(333), track(400)
     m = Mixer(2, 0)
