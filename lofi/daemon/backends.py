@@ -98,34 +98,27 @@ class Backends:
         (lofi.hub.setup.backend_state: sizes and mtimes only, cheap enough for every request)."""
         if name == "musicgen":
             return self._musicgen_state()
-        from lofi.hub.setup import backend_state
         try:
             engine = self.engine_name()
         except LofiError:
             engine = "none"
-        st = dict(backend_state(self.settings.home, engine))
-        state = st.pop("state")
-        if state == "not_installed":
-            message = (f"ACE-Step is not installed in {self.settings.checkpoint_dir}: "
-                       "run `lofi setup ace-step` (or `:Lofi setup ace-step`)")
-        elif state in ("downloading", "converting"):
-            message = (f"ACE-Step is being set up ({state}, {st.get('percent', 0.0):.0f}%); "
-                       "generate once setup is complete")
-        else:
-            message = st.pop("detail", None)
-        return state, message, st
+        return self._setup_state("ace-step", "ACE-Step", engine, None, "")
 
     def _musicgen_state(self) -> tuple[str, str | None, dict]:
-        from lofi.hub.setup import backend_state
         from lofi.musicgen.hub import MUSICGEN
-        st = dict(backend_state(self.settings.home, "none", MUSICGEN))
+        return self._setup_state("musicgen", "MusicGen", "none", MUSICGEN,
+                                 "; its weights are CC-BY-NC-4.0")
+
+    def _setup_state(self, name: str, title: str, engine: str, spec, note: str):
+        from lofi.hub.setup import backend_state
+        st = dict(backend_state(self.settings.home, engine, spec) if spec is not None
+                  else backend_state(self.settings.home, engine))
         state = st.pop("state")
-        root = checkpoint_dir(self.settings, "musicgen")
         if state == "not_installed":
-            message = (f"MusicGen is not installed in {root}: run `lofi setup musicgen` "
-                       "(or `:Lofi setup musicgen`); its weights are CC-BY-NC-4.0")
+            message = (f"{title} is not installed in {checkpoint_dir(self.settings, name)}: run "
+                       f"`lofi setup {name}` (or `:Lofi setup {name}`){note}")
         elif state in ("downloading", "converting"):
-            message = (f"MusicGen is being set up ({state}, {st.get('percent', 0.0):.0f}%); "
+            message = (f"{title} is being set up ({state}, {st.get('percent', 0.0):.0f}%); "
                        "generate once setup is complete")
         else:
             message = st.pop("detail", None)
