@@ -45,9 +45,11 @@ from lofi_mlx.acestep.common import load_strict
 from lofi_mlx.acestep.common import silu_f32
 
 F32 = mx.float32
-# Mel frames per decoding window (`Vocoder.decode`); at full size a window's largest
-# activations are then ~35 MB per channel and level (4096 values per frame, fp32).
-TILE = 2048
+# Mel frames per decoding window (`Vocoder.decode`). Measured at full width, 30 s, fp32 on a
+# 2-core CPU (benchmarks/RESULTS.md): working set above the weights 1.79 / 1.23 / 0.74 GiB for
+# 2048 / 1024 / 512, and 512 was also the fastest (the halo's 36 % extra work costs less than
+# the larger buffers' cache misses and page faults).
+TILE = 512
 
 
 def _to(x, dtype):
