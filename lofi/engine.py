@@ -23,6 +23,7 @@ class Engine(Protocol):
     checkpoint: Path
     keep_loaded: bool  # False: each stage's network is dropped when the stage ends
     load_times: dict   # seconds spent loading, per stage (benchmarks)
+    weight_bytes: dict  # bytes of each loaded stage's weights (benchmarks)
 
     def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
                  threads: int | None = None, keep_loaded: bool = False) -> None: ...

@@ -92,6 +92,7 @@ class ONNXEngine:
         self.load_times: dict[str, float] = {}  # seconds creating sessions, per stage (benchmarks)
         self._lora = None        # (path, weight) of the adapter fed to the DiT graphs, or None
         self._lora_delta = None
+        self.weight_bytes: dict[str, int] = {}  # size of each stage's graph files (benchmarks)
 
     # -- graphs and sessions ---------------------------------------------------------------
     def graph_dir(self) -> Path:
@@ -136,6 +137,10 @@ class ONNXEngine:
                                 "(CUDA provider failed to initialise)")
             self._sessions[graph] = sess
             self.load_times[stage] = self.load_times.get(stage, 0.0) + time.perf_counter() - t0
+            if stage not in self._stages:
+                self.weight_bytes[stage] = 0
+            self.weight_bytes[stage] += sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data"))
+                                            if f.is_file())
             if stage not in self._stages:
                 self._stages.append(stage)
             return sess

@@ -181,6 +181,17 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
+def _synthetic_hf(out: Path, size: str) -> Path:
+    """Write (once) a synthetic checkpoint in the Hugging Face layout; reuses a complete one."""
+    from lofi.acestep.synthetic_hf import make_hf_checkpoint
+    done = out / "synthetic.json"
+    if done.is_file() and json.loads(done.read_text()) == {"size": size}:
+        return out
+    make_hf_checkpoint(out, size)
+    done.write_text(json.dumps({"size": size}))
+    return out
+
+
 def build_parser(engine_default="mlx") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lofi_mlx.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--engine", default=engine_default, choices=("mlx", "onnx"))
@@ -216,10 +227,13 @@ def main(argv=None, engine_default="mlx") -> int:
                             seed=1234).validate()
     native = None
     if args.synthetic:
-        from lofi_mlx.synthetic import make_synthetic
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lofi.nvim" / "synthetic"
-        ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
-        native = ckpt / "mlx"
+        if args.engine == "mlx":
+            from lofi_mlx.synthetic import make_synthetic
+            ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
+            native = ckpt / "mlx"
+        else:  # the ONNX engine builds its graphs from the Hugging Face layout
+            ckpt = _synthetic_hf(base / f"{args.synthetic}-hf", args.synthetic)
     else:
         if args.checkpoint is None:
             from lofi.cli import default_checkpoint
