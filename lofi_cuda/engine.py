@@ -56,7 +56,12 @@ class ONNXEngine:
     name = "onnx"
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", device: str = "auto",
-                 threads: int | None = None, keep_loaded: bool = False, log=None):
+                 threads: int | None = None, keep_loaded: bool = False, log=None,
+                 quantize: int | None = None):
+        if quantize not in (None, 8):
+            raise LofiError(INVALID_PARAMS, f"the ONNX engine quantizes the DiT to 8 bits (int8 "
+                            f"MatMul weights) or not at all, not {quantize!r}")
+        self.quantize = quantize
         if precision not in PRECISIONS and precision != "auto":
             raise LofiError(MODEL_LOAD_FAILED, f"the ONNX engine runs fp32 or fp16, not {precision!r}")
         if device not in ("auto", "cpu", "gpu", "cuda"):
@@ -149,7 +154,8 @@ class ONNXEngine:
     def set_lora(self, path, weight: float = 1.0) -> None:
         """Feed the DiT graphs W + lora_weight * B @ A for the adapter's targets (None: the
         exported weights). Open DiT sessions are closed so the next call rebuilds them."""
-        from lofi.acestep.lora import deltas, load_adapter
+        from lofi.acestep.lora import deltas, load_adapter, refuse_quantized
+        refuse_quantized(path, self.quantize)
         key = None if path is None else (str(path), float(weight))
         with self._lock:
             if key == self._lora:

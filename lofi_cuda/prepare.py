@@ -18,7 +18,7 @@ def cuda_usable() -> bool:
     return probe()
 
 
-def stale_components(root, remote, precision) -> list[str]:
+def stale_components(root, remote, precision, quantize=None) -> list[str]:
     return []  # graphs are checked (and made) by prepare
 
 

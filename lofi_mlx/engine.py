@@ -27,9 +27,12 @@ class MLXEngine:
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", device: str = "auto",
                  keep_loaded: bool = False, threads: int | None = None,
-                 native_dir: str | Path | None = None):
+                 native_dir: str | Path | None = None, quantize: int | None = None):
         if precision not in DTYPES and precision != "auto":
             raise LofiError(MODEL_LOAD_FAILED, f"unknown precision {precision!r}")
+        from lofi_mlx.quantize import GROUP_SIZE, check_bits
+        self.quantize = check_bits(quantize)  # bits per DiT block weight, None: the run dtype
+        self.quantize_group = GROUP_SIZE      # when quantizing on load (benchmarks vary it)
         self.checkpoint = Path(checkpoint)
         self.keep_loaded = keep_loaded
         # MLX-native (already sanitized) weights: a conversion or a synthetic benchmark checkpoint
@@ -76,7 +79,8 @@ class MLXEngine:
     def set_lora(self, path, weight: float = 1.0) -> None:
         """Merge a PEFT adapter into the DiT at lora_weight (None: none). A resident DiT gets
         the previous delta taken out and the new one merged; a later load merges on load."""
-        from lofi.acestep.lora import deltas, load_adapter
+        from lofi.acestep.lora import deltas, load_adapter, refuse_quantized
+        refuse_quantized(path, self.quantize)
         key = None if path is None else (str(path), float(weight))
         with self._lock:
             if key == self._lora:
@@ -123,9 +127,22 @@ class MLXEngine:
         # an fp32 run widens fp16 or bf16 files exactly; bf16 and fp16 do not convert each other
         if conv is None or not (conv == self.precision or self.precision == "fp32"):
             return False
+        if component == "transformer":  # usable unquantized (quantized on load) or at our bits
+            from convert.to_mlx import converted_quantization
+            bits = (converted_quantization(self.checkpoint, component) or {}).get("bits")
+            if bits is not None and bits != self.quantize:
+                return False
         return component_fresh(self.checkpoint, component, conv)
 
     def _load(self, stage: str):
+        model = self._load_network(stage)
+        if stage == "transformer" and self.quantize:
+            from lofi_mlx.quantize import quantization_of, quantize_dit
+            if quantization_of(model) is None:
+                quantize_dit(model, self.quantize, self.quantize_group)
+        return model
+
+    def _load_network(self, stage: str):
         comp, parts = self._COMPONENT[stage]
         if self.native_dir is not None or self.converted(comp):
             from lofi.checkpoint import read_config
