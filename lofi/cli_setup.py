@@ -207,7 +207,7 @@ def _pending(engine: str, plan) -> str | None:
     if engine == "none":
         return None
     from lofi.engines import setup_hooks
-    return setup_hooks(engine).pending(plan.root, plan.precision)
+    return setup_hooks(engine).pending(plan.root, plan.precision, quantize=plan.quantize)
 
 
 def _originals_present(plan) -> bool:

@@ -83,6 +83,9 @@ class ONNXEngine:
                             f"{cuda_problem()}")
         from lofi.engines import resolve_precision
         self.precision = resolve_precision("onnx", precision, self.device)
+        if quantize and (self.device == "cuda" or self.precision != "fp32"):
+            raise LofiError(INVALID_PARAMS, "int8 DiT weights are for ONNX Runtime's fp32 graphs on the "
+                            "CPU; on CUDA use precision fp16 (LOFI_DEVICE=cpu to run the int8 graph)")
         self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
         if level not in OPT_LEVELS:
@@ -122,6 +125,9 @@ class ONNXEngine:
             if graph in self._sessions:
                 return self._sessions[graph]
             path = self.graph_dir() / f"{graph}.onnx"
+            if graph == "dit_decode" and self.quantize:
+                from lofi_cuda.quantize import ensure_quantized
+                path = ensure_quantized(self.graph_dir(), graph, log=self.log)
             providers = self.providers
             if self.device == "cuda":
                 providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested",

@@ -182,7 +182,7 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
-def _synthetic_hf(out: Path, size: str) -> Path:
+def hf_synthetic(out: Path, size: str) -> Path:
     """Write (once) a synthetic checkpoint in the Hugging Face layout; reuses a complete one."""
     from lofi.acestep.synthetic_hf import make_hf_checkpoint
     done = out / "synthetic.json"
@@ -236,7 +236,7 @@ def main(argv=None, engine_default="mlx") -> int:
             ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
             native = ckpt / "mlx"
         else:  # the ONNX engine builds its graphs from the Hugging Face layout
-            ckpt = _synthetic_hf(base / f"{args.synthetic}-hf", args.synthetic)
+            ckpt = hf_synthetic(base / f"{args.synthetic}-hf", args.synthetic)
     else:
         if args.checkpoint is None:
             from lofi.cli import default_checkpoint

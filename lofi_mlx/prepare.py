@@ -13,7 +13,7 @@ from lofi.checkpoint import COMPONENTS
 __all__ = ["stale_components", "prepare", "conversion_fresh", "model_ready", "pending", "prepare_bytes"]
 
 
-def pending(root: str | Path, precision: str) -> str | None:
+def pending(root: str | Path, precision: str, quantize: int | None = None) -> str | None:
     return None  # what MLX converts is the plan's convert_components
 
 

@@ -136,6 +136,9 @@ def plan_setup(home: str | Path | None = None, revision: str | None = None, prec
     precision = conversion_precision(precision)
     if quantize not in (None, 8, 4):
         raise LofiError(INVALID_PARAMS, f"quantize must be 8, 4 or none, got {quantize!r}")
+    if quantize == 4 and engine == "onnx":
+        raise LofiError(INVALID_PARAMS, "ONNX Runtime quantizes the DiT to 8 bits (int8 MatMul "
+                        "weights) or not at all, not 4")
     if engine not in ("mlx", "onnx", "none"):
         raise LofiError(INVALID_PARAMS, f"engine must be mlx, onnx or none, got {engine!r}")
     root = checkpoint_root(home, spec)
