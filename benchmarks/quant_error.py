@@ -125,8 +125,10 @@ def main(argv=None) -> int:
     frames = 26 if args.model == "goldens" else int(args.seconds * 44100 / 4096)
     params = GenerateParams("lofi hip hop, jazzy piano, vinyl crackle", max(5.0, args.seconds),
                             infer_steps=args.steps, seed=1234).validate()
-    configs = [(None, None)] + [(b, g) for b in args.bits
-                                for g in (args.group_sizes if args.engine == "mlx" else [None])]
+    if args.engine == "onnx":  # ONNX Runtime: int8 per channel only
+        configs = [(None, None)] + [(8, None) for b in args.bits if b == 8]
+    else:
+        configs = [(None, None)] + [(b, g) for b in args.bits for g in args.group_sizes]
     rows, lats, timed = [], [], []
     for bits, g in configs:
         keep = g in (None, args.time_group)

@@ -8,7 +8,9 @@ the DiT after sampling, ...), so peak memory is the largest stage rather than th
 from __future__ import annotations
 
 import gc
+import hashlib
 import threading
+from collections import OrderedDict
 import time
 from pathlib import Path
 
@@ -56,6 +58,8 @@ class MLXEngine:
         self._lock = threading.RLock()
         self._lora = None       # (path, weight) of the adapter merged into the DiT, or None
         self._lora_delta = None
+        # the context's cross-attention K/V per condition: constant over a sampling run
+        self._kv: OrderedDict = OrderedDict()
 
     # -- memory policy ---------------------------------------------------------------------
     def load(self, stage: str) -> None:
@@ -111,6 +115,7 @@ class MLXEngine:
                for k, d in delta.items()]
         model.update(tree_unflatten(upd))
         mx.eval(model.parameters())
+        self._kv.clear()  # cross-attention K/V of the old weights
 
     _COMPONENT = {"text_encoder": ("text_encoder", None), "transformer": ("transformer", None),
                   "dcae": ("dcae", ("decoder",)), "dcae_encoder": ("dcae", ("encoder",)),
@@ -182,6 +187,8 @@ class MLXEngine:
                 self._models.clear()
             else:
                 self._models.pop(stage, None)
+            if stage in (None, "transformer"):
+                self._kv.clear()
         gc.collect()
         mx.clear_cache()
         trim()  # MLX's freed buffers go back to glibc's heap, which keeps them otherwise
@@ -222,10 +229,33 @@ class MLXEngine:
 
     def velocity(self, x, timestep, ctx, ctx_mask, erg) -> np.ndarray:
         model = self._get("transformer")
+        ctx = np.ascontiguousarray(ctx, dtype=np.float32)
         v = model.decode(self._arr(x), mx.array(np.asarray(timestep, np.float32)), self._arr(ctx),
                          mx.array(np.asarray(ctx_mask, np.float32)),
-                         erg=mx.array(np.asarray(erg, bool)))
+                         erg=mx.array(np.asarray(erg, bool)), cross_kv=self._cross_kv(model, ctx))
         return _to_numpy(v, "DiT")
+
+    KV_CACHE_BYTES = 512 << 20
+
+    def _cross_kv(self, model, ctx: np.ndarray):
+        """Every block's K/V of the context, computed once per condition rather than every step
+        (3 % of an instrumental's step at full size, ~40 % with 300 lyric tokens; same values).
+        Kept for the latest contexts up to KV_CACHE_BYTES; a longer context is recomputed."""
+        key = (ctx.shape, hashlib.blake2b(ctx.tobytes(), digest_size=16).digest())
+        with self._lock:
+            hit = self._kv.get(key)
+            if hit is not None:
+                self._kv.move_to_end(key)
+                return hit[0]
+        kv = model.cross_kv(self._arr(ctx))
+        mx.eval(kv)
+        size = sum(a.nbytes for pair in kv for a in pair)
+        if size <= self.KV_CACHE_BYTES:
+            with self._lock:
+                self._kv[key] = (kv, size)
+                while sum(n for _, n in self._kv.values()) > self.KV_CACHE_BYTES:
+                    self._kv.popitem(last=False)
+        return kv
 
     def dcae_decode(self, latents) -> np.ndarray:
         model = self._get("dcae")

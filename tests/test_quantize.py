@@ -178,6 +178,8 @@ def test_onnx_int8_graph_within_bound(onnx_cache):
     again = ONNXEngine(CHECKPOINT, "fp32", "cpu", quantize=8)
     again.load("transformer")
     assert q.stat().st_mtime_ns == mtime
+
+
 # ---------------------------------------------------------------- what quantize is refused with
 
 def _tiny_lora(home):
