@@ -571,12 +571,12 @@ def test_cpu_cross_attention_matches_sdpa_and_zeroes_keyless_rows():
     assert_close(out, o, 2e-6, "cross attention vs numpy")
 
 
-_CKPT = __import__("tests.conftest", fromlist=["CHECKPOINT"]).CHECKPOINT
 def test_cached_context_kv_gives_the_same_velocity():
     """The engine computes the context's cross-attention K/V once per condition; the velocity is
     bit-identical to recomputing it, and the cache goes with the DiT."""
     from lofi_mlx.engine import MLXEngine
-    eng = MLXEngine(_CKPT, "fp32", "cpu", keep_loaded=True)
+    from tests.conftest import CHECKPOINT
+    eng = MLXEngine(CHECKPOINT, "fp32", "cpu", keep_loaded=True)
     rng = np.random.default_rng(3)
     ctx = rng.standard_normal((2, 9, 64)).astype(np.float32)
     mask = np.ones((2, 9), np.float32)
@@ -588,7 +588,6 @@ def test_cached_context_kv_gives_the_same_velocity():
     b = eng.velocity(x, t, ctx.copy(), mask, erg)  # same values, another array: a cache hit
     assert len(eng._kv) == 1 and np.array_equal(a, b)
     model = eng._models["transformer"]
-    from lofi_mlx.mlxrt import mx
     plain = np.asarray(model.decode(mx.array(x), mx.array(t), mx.array(ctx), mx.array(mask),
                                     erg=mx.array(erg)))
     assert np.array_equal(a, plain)
