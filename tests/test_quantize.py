@@ -235,3 +235,13 @@ def test_daemon_refuses_lora_when_quantized(tmp_path):
         assert d.call("ping")
     finally:
         d.stop()
+
+
+def test_daemon_setup_checks_quantize():
+    from lofi.daemon.setup import _check
+    _check({"backend": "ace-step", "quantize": 8})
+    _check({"backend": "ace-step", "quantize": None})
+    for bad in (3, True, 16):
+        with pytest.raises(LofiError) as e:
+            _check({"backend": "ace-step", "quantize": bad})
+        assert e.value.code == INVALID_PARAMS and e.value.data["field"] == "quantize"
