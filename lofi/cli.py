@@ -306,9 +306,10 @@ def cmd_generate(args) -> int:
     progress.finish(ok=True)
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)
     if not args.quiet:
+        q = f", {quantize}-bit DiT" if quantize else ""
         print(f"wrote {info['path']} ({info['duration_sec']:.2f} s, {info['sample_rate']} Hz stereo, "
               f"seed {info['seed']}, {info['generation_time_sec']:.1f} s, {rtf:.2f}x real time, "
-              f"{info['engine']}/{info['device']}/{info['precision']})", file=sys.stderr)
+              f"{info['engine']}/{info['device']}/{info['precision']}{q})", file=sys.stderr)
     return 0
 
 

@@ -33,10 +33,10 @@ def test_bench_table_has_every_figure(tmp_path, engine):
 
 @pytest.mark.parametrize("engine", ["mlx", "onnx"])
 def test_bench_json(tmp_path, engine):
-    r = bench(tmp_path, "--engine", engine, "--json", "--scheduler", "heun")
+    r = bench(tmp_path, "--engine", engine, "--json", "--scheduler", "heun", "--quantize", "8")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["meta"]["engine"] == engine
+    assert res["meta"]["engine"] == engine and res["meta"]["quantize"] == 8
     assert len(res["runs"]) == 2
     assert len(res["runs"][0]["steps"]) == 5  # heun: 2N-1 evaluations
     assert res["rtf"]["median"] > 0 and res["peak_rss_bytes"] > 0
