@@ -72,9 +72,8 @@ def ensure_quantized(folder: str | Path, graph: str = "dit_decode", log=print) -
         import onnxruntime
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:
-        from lofi_cuda.prepare import INSTALL
         raise LofiError(MODEL_LOAD_FAILED, f"making the int8 DiT graph needs the onnx package "
-                        f"({INSTALL}): {e}") from e
+                        f"(it comes with 'lofi[onnx-cpu]'): {e}") from e
     src = folder / f"{graph}.onnx"
     big = (folder / f"{graph}.onnx.data").is_file()
     model = onnx.load(str(src), load_external_data=False)
