@@ -93,6 +93,7 @@ def ensure_quantized(folder: str | Path, graph: str = "dit_decode", log=print) -
                          use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
         if tmp_data.is_file():
             _relink_external_data(tmp, out.name + ".data")
+            os.chmod(tmp_data, src.stat().st_mode & 0o777)  # written as a private temporary
             os.replace(tmp_data, out.with_name(out.name + ".data"))
         os.replace(tmp, out)
     except LofiError:
