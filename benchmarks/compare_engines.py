@@ -12,7 +12,7 @@ text encoding, sampling with the shared sampler (Euler + APG, guided steps batch
 DCAE decode and vocoder, like the daemon's pipeline. Reported per engine: seconds per guided
 DiT step (one batch-2 velocity call) and the end-to-end real-time factor (audio seconds / wall
 seconds; > 1 is faster than real time). Needs mlx, onnxruntime, onnx (the one-time graph build,
-timed separately) and torch (only to lay out the synthetic checkpoint's tensors).
+timed separately).
 """
 
 from __future__ import annotations
@@ -37,101 +37,24 @@ TINY = ROOT / "tests" / "fixtures" / "ace_step_tiny" / "checkpoint"
 
 
 def configs(dit_layers: int, text_layers: int, lyric_blocks: int) -> dict:
-    """Real v1 configs with fewer layers (spec §1.2)."""
-    dit = {"_class_name": "ACEStepTransformer2DModel", "in_channels": 8, "out_channels": 8,
-           "num_layers": dit_layers, "inner_dim": 2560, "attention_head_dim": 128, "num_attention_heads": 20,
-           "mlp_ratio": 2.5, "max_position": 32768, "rope_theta": 1e6, "speaker_embedding_dim": 512,
-           "text_embedding_dim": 768, "lyric_encoder_vocab_size": 6693, "lyric_hidden_size": 1024,
-           "patch_size": [16, 1], "max_height": 16, "max_width": 32768,
-           "ssl_encoder_depths": [8, 8], "ssl_latent_dims": [1024, 768], "ssl_names": ["mert", "m-hubert"]}
-    umt5 = json.loads((TINY / "umt5-base" / "config.json").read_text())
-    umt5.update({"d_model": 768, "d_kv": 64, "num_heads": 12, "d_ff": 2048, "num_layers": text_layers})
-    dcae = json.loads((TINY / "music_dcae_f8c8" / "config.json").read_text())
-    dcae.update({"attention_head_dim": 32, "encoder_block_out_channels": [128, 256, 512, 1024],
-                 "decoder_block_out_channels": [128, 256, 512, 1024], "encoder_layers_per_block": [1, 1, 1, 1],
-                 "decoder_layers_per_block": [1, 1, 1, 1]})
-    voc = json.loads((TINY / "music_vocoder" / "config.json").read_text())
-    voc.update({"depths": [1, 1, 1, 1], "dims": [128, 256, 384, 512], "num_mels": 512,
-                "upsample_initial_channel": 1024, "resblock_kernel_sizes": [3, 7, 11, 13],
-                "resblock_dilation_sizes": [[1, 3, 5]] * 4})
-    return {"transformer": dit, "text_encoder": umt5, "dcae": dcae, "vocoder": voc,
-            "lyric_blocks": lyric_blocks}
-
-
-def _init(name: str, shape: tuple, rng) -> np.ndarray:
-    """Random weights that keep activations finite: N(0, 1/fan_in) matrices, unit norm weights."""
-    if len(shape) == 1:
-        return (np.ones if "norm" in name or name.endswith("gamma") else np.zeros)(shape, np.float32)
-    if "scale_shift_table" in name or "pos_bias" in name:
-        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-    if name.endswith(("embed_tokens.weight", "lyric_embs.weight", "relative_attention_bias.weight")):
-        return rng.standard_normal(shape).astype(np.float32)
-    fan_in = int(np.prod(shape[1:]))
-    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-
-def _to_checkpoint_keys(component: str, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Port parameter names/layouts -> Hugging Face checkpoint keys (inverse of the sanitizers)."""
-    out = {}
-    for k, v in params.items():
-        if component == "text_encoder":
-            k = "shared.weight" if k == "embed_tokens.weight" else "encoder." + k
-            k = (k.replace("blocks.", "block.").replace(".attn_norm.", ".layer.0.layer_norm.")
-                 .replace(".attn.", ".layer.0.SelfAttention.").replace(".ff_norm.", ".layer.1.layer_norm.")
-                 .replace(".ff.", ".layer.1.DenseReluDense.").replace("final_norm.", "final_layer_norm."))
-        elif component == "transformer":
-            if k == "proj_in.early_conv_layers.0.weight":
-                v = v.reshape(v.shape[0], 8, 16, 1)
-            elif k == "proj_in.early_conv_layers.2.weight":
-                v = v.reshape(*v.shape, 1, 1)
-            elif k.startswith("t_block."):
-                k = "t_block.1." + k[len("t_block."):]
-            elif ".ff.depth_conv." in k:
-                k = k.replace(".depth_conv.", ".depth_conv.conv.")
-                v = v.T[:, None, :] if v.ndim == 2 else v
-            elif ".ff.inverted_conv." in k or ".ff.point_conv." in k:
-                k = k.replace("_conv.", "_conv.conv.")
-                v = v[..., None] if v.ndim == 2 else v
-        elif component == "vocoder":
-            if k.startswith("backbone.channel_layers.") and not k.startswith("backbone.channel_layers.0.") \
-                    and v.ndim == 2:
-                v = v[..., None]
-        out[k] = v
-    return out
+    """Real v1 configs (lofi.acestep.synthetic_hf) with fewer layers (spec §1.2)."""
+    from lofi.acestep.synthetic_hf import configs as real
+    cfg, lyric = real("full")
+    cfg["transformer"]["num_layers"] = dit_layers
+    cfg["text_encoder"].update(num_layers=text_layers, vocab_size=320)  # the fixture tokenizer's
+    cfg["dcae"].update(encoder_layers_per_block=[1, 1, 1, 1], decoder_layers_per_block=[1, 1, 1, 1])
+    cfg["vocoder"]["depths"] = [1, 1, 1, 1]
+    return {**cfg, "lyric_blocks": lyric_blocks}
 
 
 def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> Path:
-    """Config files + random fp16 safetensors for the four components, tokenizer from the fixture."""
-    import torch
-    from safetensors.numpy import save_file
+    """Config files + random safetensors (the released dtypes) for the four components,
+    tokenizer from the fixture."""
+    from lofi.acestep.synthetic_hf import LYRIC_FULL, make_hf_checkpoint
 
-    from convert.torch_port import dcae, dit, lyric_encoder, umt5, vocoder
-
-    rng = np.random.default_rng(seed)
-    d = cfg["transformer"]
-    lc = lyric_encoder.LyricEncoderConfig(width=1024, input_size=1024, heads=16, ff=4096, blocks=cfg["lyric_blocks"])
-    with torch.device("meta"):  # shapes only
-        modules = {
-            "transformer": dit.ACEStepDiT(dit.DiTConfig.from_dict(d), lc),
-            "text_encoder": umt5.UMT5Encoder(umt5.UMT5Config.from_dict(cfg["text_encoder"])),
-            "dcae": torch.nn.ModuleDict({
-                "d": dcae.DCAEDecode(dcae.DCAEConfig.from_dict(cfg["dcae"])),
-                "e": dcae.DCAEEncode(dcae.DCAEConfig.from_dict(cfg["dcae"]))}),
-            "vocoder": vocoder.Vocoder(vocoder.VocoderConfig.from_dict(cfg["vocoder"])),
-        }
-    from lofi.checkpoint import COMPONENTS
-    for comp, module in modules.items():
-        sub = folder / COMPONENTS[comp]
-        sub.mkdir(parents=True, exist_ok=True)
-        names = {n.split(".", 1)[1] if comp == "dcae" else n: tuple(p.shape) for n, p in module.named_parameters()}
-        params = {n: _init(n, s, rng) for n, s in names.items()}
-        tensors = {k: v.astype(np.float16) for k, v in _to_checkpoint_keys(comp, params).items()}
-        fname = "model.safetensors" if comp == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        save_file(tensors, str(sub / fname))
-        (sub / "config.json").write_text(json.dumps(cfg[comp], indent=1))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TINY / "umt5-base" / f, folder / "umt5-base" / f)
-    return folder
+    cfgs = {k: cfg[k] for k in ("transformer", "text_encoder", "dcae", "vocoder")}
+    lyric = dict(LYRIC_FULL, blocks=cfg["lyric_blocks"])
+    return make_hf_checkpoint(folder, seed=seed, tokenizer_from=TINY / "umt5-base", cfgs=cfgs, lyric=lyric)
 
 
 def run_engine(name: str, checkpoint: Path, seconds: float, steps: int, repeats: int, threads) -> dict:

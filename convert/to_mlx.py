@@ -146,14 +146,20 @@ def build(root: str | Path, component: str, precision: str):
     return loaders[component](root, precision)
 
 
-def convert_component(root: str | Path, component: str, precision: str = "fp16") -> dict:
+def convert_component(root: str | Path, component: str, precision: str = "fp16",
+                      quantize: int | None = None) -> dict:
     """{parameter name: mx.array} of one network, sanitized and cast as the engine holds it
-    (the whole network in memory: for tests; conversion streams with `write_component`)."""
+    (the whole network in memory: for tests; conversion streams with `write_component`); the
+    DiT's block linears quantized to `quantize` bits when asked (lofi_mlx/quantize.py)."""
     from mlx.utils import tree_flatten
-    return dict(tree_flatten(build(root, component, precision).parameters()))
+    model = build(root, component, precision)
+    if quantize and component == "transformer":
+        from lofi_mlx.quantize import quantize_dit
+        quantize_dit(model, quantize)
+    return dict(tree_flatten(model.parameters()))
 
 
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
 
 
 class SafetensorsSink:
@@ -164,14 +170,14 @@ class SafetensorsSink:
     def __init__(self, path: Path, metadata: dict):
         self.path, self.metadata, self.fh, self.order, self.nbytes = path, metadata, None, [], 0
 
-    def begin(self, entries) -> None:
+    def begin(self, entries, model=None) -> None:
         import numpy as np
         if self.fh is not None:
             raise RuntimeError("one network per file")
         header, offset = {"__metadata__": {k: str(v) for k, v in self.metadata.items()}}, 0
         for name, shape, dtype in entries:
             kind = _ST_DTYPES[str(dtype).rsplit(".", 1)[-1]]
-            n = int(np.prod(shape)) * (4 if kind == "F32" else 2)
+            n = int(np.prod(shape)) * (4 if kind in ("F32", "U32") else 2)
             header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
             self.order.append((name, n))
@@ -202,12 +208,52 @@ class SafetensorsSink:
                 raise RuntimeError(f"{self.path}: {self._next} of {len(self.order)} tensors written")
 
 
+class QuantizingSink:
+    """Quantizes the DiT's block linears on their way to `sink` (lofi_mlx/quantize.py), one
+    weight at a time, so a quantized conversion streams like a plain one."""
+
+    def __init__(self, sink, bits: int, group_size: int):
+        self.sink, self.bits, self.group_size, self.names = sink, bits, group_size, set()
+
+    def begin(self, entries, model=None) -> None:
+        from lofi_mlx.mlxrt import mx
+        from lofi_mlx.quantize import eligible_weights
+        self.names = eligible_weights(model, self.group_size)
+        out = []
+        for name, shape, dtype in entries:
+            if name not in self.names:
+                out.append((name, shape, dtype))
+                continue
+            rows, cols = shape
+            base, groups = name[:-len(".weight")], (rows, cols // self.group_size)
+            out += [(name, (rows, cols * self.bits // 32), mx.uint32),
+                    (f"{base}.scales", groups, dtype), (f"{base}.biases", groups, dtype)]
+        self.sink.begin(out)
+
+    def write(self, name: str, array) -> None:
+        if name not in self.names:
+            return self.sink.write(name, array)
+        from lofi_mlx.mlxrt import mx
+        q, scales, biases = mx.quantize(array, self.group_size, self.bits)
+        mx.eval(q, scales, biases)
+        base = name[:-len(".weight")]
+        self.sink.write(name, q)
+        self.sink.write(f"{base}.scales", scales)
+        self.sink.write(f"{base}.biases", biases)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
 def write_component(root: str | Path, component: str, precision: str, path: Path,
-                    metadata: dict) -> None:
+                    metadata: dict, quantize: dict | None = None) -> None:
     """Convert one network straight to `path`, tensor by tensor: the module's own `load` runs
-    (same sanitize, casts and fp32 islands), but each parameter goes to disk, not into a model."""
+    (same sanitize, casts and fp32 islands), but each parameter goes to disk, not into a model.
+    quantize: {"bits", "group_size"} of the DiT's block linears (None: as they are)."""
     from lofi_mlx.acestep.common import params_to
     sink = SafetensorsSink(path, metadata)
+    if quantize and component == "transformer":
+        sink = QuantizingSink(sink, quantize["bits"], quantize["group_size"])
     try:
         with params_to(sink):
             build(root, component, precision)
@@ -217,8 +263,10 @@ def write_component(root: str | Path, component: str, precision: str, path: Path
 
 def convert_checkpoint(root: str | Path, precision: str = "fp16", components: list[str] | None = None,
                        on_progress: Callable[[str, float], None] | None = None,
-                       check_free: Callable[[int], None] | None = None) -> dict:
+                       check_free: Callable[[int], None] | None = None,
+                       quantize: int | None = None) -> dict:
     """Convert `components` (default: the stale ones) and rewrite the manifest; returns it.
+    `quantize` (8 or 4): the DiT is stored with quantized block weights, recorded in the manifest.
 
     Each output is written to a temporary name and renamed into place, and the manifest names a
     component only once its file is complete, so an interrupted conversion leaves no file that
@@ -232,8 +280,13 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
     root = Path(root)
     out_dir = mlx_dir(root)
     out_dir.mkdir(parents=True, exist_ok=True)
+    qrec = None
+    if quantize:
+        from lofi_mlx.quantize import GROUP_SIZE, check_bits
+        qrec = {"bits": check_bits(quantize), "group_size": GROUP_SIZE}
     if components is None:
-        components = [c for c in COMPONENTS if not component_fresh(root, c, precision)]
+        components = [c for c in COMPONENTS if not component_fresh(root, c, precision)
+                      or (c == "transformer" and converted_quantization(root, c) != qrec)]
     manifest = read_manifest(root)
     if manifest is None or manifest.get("precision") != precision:
         manifest = {"format": FORMAT, "precision": precision, "components": {}}
@@ -254,7 +307,7 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
         try:
             write_component(root, comp, precision, tmp, metadata={
                 "format": "mlx", "component": comp, "precision": precision,
-                "revision": str(manifest.get("revision") or "")})
+                "revision": str(manifest.get("revision") or "")}, quantize=qrec)
             gc.collect()
             mx.clear_cache()
             if on_progress:
@@ -267,6 +320,8 @@ def convert_checkpoint(root: str | Path, precision: str = "fp16", components: li
             "file": dest.name, "size": dest.stat().st_size, "sha256": digest,
             "code": code_fingerprint(comp), "sources": sources, "revision": manifest.get("revision"),
             "created": time.time()}
+        if qrec and comp == "transformer":
+            manifest["components"][comp]["quantize"] = qrec
         _write_manifest(root, manifest)
         if on_progress:
             on_progress(comp, 1.0)
@@ -363,6 +418,13 @@ def converted_weights(home_or_ckpt: str | Path, component: str, precision: str |
         return None
     e = read_manifest(root)["components"][component]
     return mx.load(str(mlx_dir(root) / e["file"]))
+
+
+def converted_quantization(home_or_ckpt: str | Path, component: str) -> dict | None:
+    """{"bits", "group_size"} of a converted component's quantized layers, or None."""
+    m = read_manifest(resolve_root(home_or_ckpt))
+    e = (m or {}).get("components", {}).get(component)
+    return e.get("quantize") if isinstance(e, dict) else None
 
 
 def converted_precision(home_or_ckpt: str | Path) -> str | None:

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--precision", default=os.environ.get("LOFI_PRECISION", "auto"), choices=PRECISIONS,
                    help="auto (default): bf16 on a GPU, fp32 on a CPU")
+    g.add_argument("--quantize", default=None, type=_quantize, metavar="8|4",
+                   help="ace-step: quantized DiT weights, bits per weight (less memory; default: "
+                   "none) [LOFI_QUANTIZE]")
     g.add_argument("--engine", default=os.environ.get("LOFI_ENGINE", "auto"),
                    choices=("auto", "mlx", "onnx"))
     g.add_argument("--device", default=os.environ.get("LOFI_DEVICE", "auto"), type=_device,
@@ -87,6 +90,22 @@ def _device(raw: str) -> str:
     return v
 
 
+def _quantize(raw: str) -> int | None:
+    from lofi.settings import _SPECS
+    try:
+        return _SPECS["quantize"][0](str(raw)) or 0  # 0: none given, overrides LOFI_QUANTIZE
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _env_quantize() -> int | None:
+    raw = os.environ.get("LOFI_QUANTIZE")
+    try:
+        return _quantize(raw) if raw else None
+    except argparse.ArgumentTypeError as e:
+        raise LofiError("INVALID_PARAMS", f"LOFI_QUANTIZE {e}") from None
+
+
 def lofi_home() -> Path:
     from lofi.settings import default_home
     home = os.environ.get("LOFI_HOME")
@@ -95,10 +114,6 @@ def lofi_home() -> Path:
 
 def default_checkpoint(backend: str = "ace-step") -> Path:
     return lofi_home() / backend
-
-
-def default_checkpoint() -> Path:
-    return lofi_home() / "ace-step"
 
 
 def parse_lora(spec: str | None) -> tuple[str | None, float]:
@@ -250,6 +265,9 @@ def cmd_generate(args) -> int:
     given = _given(args)
     _refuse_foreign(args.backend, given)
     if args.backend == "musicgen":
+        if args.quantize:
+            raise LofiError("INVALID_PARAMS", "--quantize: ACE-Step-only (quantized DiT weights), "
+                            "not accepted with --backend musicgen")
         from lofi.cli_musicgen import generate_musicgen
         return generate_musicgen(args, given, fmt, Progress,
                                  args.checkpoint or default_checkpoint("musicgen"))
@@ -260,6 +278,9 @@ def cmd_generate(args) -> int:
         raise LofiError("INVALID_PARAMS", f"--duration does not apply to --task {params.task}: "
                         "the length follows the source")
     params.validate()
+    quantize = (args.quantize if args.quantize is not None else _env_quantize()) or None
+    from lofi.acestep.lora import refuse_quantized
+    refuse_quantized(params.lora, quantize)
     check_out(args.out)
     from lofi.acestep.tasks import resolve
     home = lofi_home()
@@ -270,7 +291,7 @@ def cmd_generate(args) -> int:
     from lofi.acestep.pipeline import Pipeline
     # creating the engine loads no network; it settles the device and what `auto` means there
     engine = create_engine(ckpt, args.engine, args.precision, args.device,
-                           keep_loaded=args.keep_loaded)
+                           keep_loaded=args.keep_loaded, quantize=quantize)
     # refuse a missing or damaged model before any network loads
     check_model(ckpt, engine.name, engine.precision)
     mode = "off" if args.quiet else "bar" if sys.stderr.isatty() else "lines"
@@ -285,9 +306,10 @@ def cmd_generate(args) -> int:
     progress.finish(ok=True)
     rtf = info["duration_sec"] / max(info["generation_time_sec"], 1e-9)
     if not args.quiet:
+        q = f", {quantize}-bit DiT" if quantize else ""
         print(f"wrote {info['path']} ({info['duration_sec']:.2f} s, {info['sample_rate']} Hz stereo, "
               f"seed {info['seed']}, {info['generation_time_sec']:.1f} s, {rtf:.2f}x real time, "
-              f"{info['engine']}/{info['device']}/{info['precision']})", file=sys.stderr)
+              f"{info['engine']}/{info['device']}/{info['precision']}{q})", file=sys.stderr)
     return 0
 
 

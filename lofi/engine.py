@@ -22,10 +22,13 @@ class Engine(Protocol):
     precision: str   # "fp32" | "fp16" | "bf16"
     checkpoint: Path
     keep_loaded: bool  # False: each stage's network is dropped when the stage ends
+    quantize: int | None  # bits of the DiT's quantized weights (8 or 4), None: full precision
     load_times: dict   # seconds spent loading, per stage (benchmarks)
+    weight_bytes: dict  # bytes of each loaded stage's weights (benchmarks)
 
     def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str = "auto",
-                 threads: int | None = None, keep_loaded: bool = False) -> None: ...
+                 threads: int | None = None, keep_loaded: bool = False,
+                 quantize: int | None = None) -> None: ...
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                     erg: bool = False) -> np.ndarray:

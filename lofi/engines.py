@@ -18,7 +18,7 @@ import platform
 import sys
 from pathlib import Path
 
-from lofi.errors import MODEL_LOAD_FAILED, LofiError
+from lofi.errors import INVALID_PARAMS, MODEL_LOAD_FAILED, LofiError
 
 # name -> (module:class of the Engine, module of the setup hooks): ACE-Step, the default backend
 REGISTRY = {
@@ -117,7 +117,7 @@ def resolve_precision(engine: str, precision: str, device: str) -> str:
 
 def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "auto",
                   device: str = "auto", threads: int | None = None, keep_loaded: bool = False,
-                  backend: str = DEFAULT_BACKEND):
+                  backend: str = DEFAULT_BACKEND, quantize: int | None = None):
     if name == "auto":
         name = default_engine(device, checkpoint, backend)
     if name not in ENGINES:
@@ -125,8 +125,13 @@ def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "
     state = available_engines(checkpoint, backend)[name]
     if state != "available":
         raise LofiError(MODEL_LOAD_FAILED, f"engine {name} is {state}")
+    extra = {}
+    if quantize is not None:  # bits of ACE-Step's DiT weights
+        if backend != "ace-step":
+            raise LofiError(INVALID_PARAMS, f"quantize: an ACE-Step DiT option, not for {backend}")
+        extra["quantize"] = quantize
     return engine_class(name, backend)(checkpoint, precision=precision, device=device, threads=threads,
-                              keep_loaded=keep_loaded)
+                                       keep_loaded=keep_loaded, **extra)
 
 
 def engine_class(name: str, backend: str = DEFAULT_BACKEND):

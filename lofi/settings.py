@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "bf16")
 FORMATS = ("wav", "flac")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+QUANTIZE = ("8", "4")
 MAX_QUEUE_SIZE = 100
 
 
@@ -100,6 +101,15 @@ def parse_size(raw: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _quantize(raw: str) -> int | None:
+    v = raw.strip().lower()
+    if v in ("", "none", "off", "0"):
+        return None
+    if v not in QUANTIZE:
+        raise ValueError("must be 8, 4 or none (bits per DiT weight)")
+    return int(v)
+
+
 def _bool(raw: str) -> bool:
     v = raw.strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -127,6 +137,7 @@ _SPECS: dict[str, tuple[Callable[[str], object], str]] = {
     "cache_size": (parse_size, "track cache limit, e.g. 2GB (default), 500MB"),
     "precision": (_choice(PRECISIONS), "compute precision: " + " | ".join(PRECISIONS)),
     "format": (_choice(FORMATS), "audio file format of new tracks: wav (default) | flac"),
+    "quantize": (_quantize, "quantized DiT weights: 8 | 4 bits, or none (default; full precision)"),
     "keep_loaded": (_bool, "keep every network resident between jobs (faster, more memory)"),
     "log_level": (_choice(LOG_LEVELS), "log verbosity: " + " | ".join(LOG_LEVELS)),
 }
@@ -143,6 +154,7 @@ class Settings:
     cache_size: int = 2 * 10**9
     precision: str = "auto"
     format: str = "wav"
+    quantize: int | None = None
     keep_loaded: bool = False
     log_level: str = "info"
 

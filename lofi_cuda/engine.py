@@ -56,7 +56,12 @@ class ONNXEngine:
     name = "onnx"
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto", device: str = "auto",
-                 threads: int | None = None, keep_loaded: bool = False, log=None):
+                 threads: int | None = None, keep_loaded: bool = False, log=None,
+                 quantize: int | None = None):
+        if quantize not in (None, 8):
+            raise LofiError(INVALID_PARAMS, f"the ONNX engine quantizes the DiT to 8 bits (int8 "
+                            f"MatMul weights) or not at all, not {quantize!r}")
+        self.quantize = quantize
         if precision not in PRECISIONS and precision != "auto":
             raise LofiError(MODEL_LOAD_FAILED, f"the ONNX engine runs fp32 or fp16, not {precision!r}")
         if device not in ("auto", "cpu", "gpu", "cuda"):
@@ -78,6 +83,9 @@ class ONNXEngine:
                             f"{cuda_problem()}")
         from lofi.engines import resolve_precision
         self.precision = resolve_precision("onnx", precision, self.device)
+        if quantize and (self.device == "cuda" or self.precision != "fp32"):
+            raise LofiError(INVALID_PARAMS, "int8 DiT weights are for ONNX Runtime's fp32 graphs on the "
+                            "CPU; on CUDA use precision fp16 (LOFI_DEVICE=cpu to run the int8 graph)")
         self.providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         level = os.environ.get("LOFI_ORT_OPT_LEVEL", "all").lower()
         if level not in OPT_LEVELS:
@@ -92,6 +100,7 @@ class ONNXEngine:
         self.load_times: dict[str, float] = {}  # seconds creating sessions, per stage (benchmarks)
         self._lora = None        # (path, weight) of the adapter fed to the DiT graphs, or None
         self._lora_delta = None
+        self.weight_bytes: dict[str, int] = {}  # size of each stage's graph files (benchmarks)
 
     # -- graphs and sessions ---------------------------------------------------------------
     def graph_dir(self) -> Path:
@@ -116,6 +125,9 @@ class ONNXEngine:
             if graph in self._sessions:
                 return self._sessions[graph]
             path = self.graph_dir() / f"{graph}.onnx"
+            if graph == "dit_decode" and self.quantize:
+                from lofi_cuda.quantize import ensure_quantized
+                path = ensure_quantized(self.graph_dir(), graph, log=self.log)
             providers = self.providers
             if self.device == "cuda":
                 providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested",
@@ -137,6 +149,10 @@ class ONNXEngine:
             self._sessions[graph] = sess
             self.load_times[stage] = self.load_times.get(stage, 0.0) + time.perf_counter() - t0
             if stage not in self._stages:
+                self.weight_bytes[stage] = 0
+            self.weight_bytes[stage] += sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data"))
+                                            if f.is_file())
+            if stage not in self._stages:
                 self._stages.append(stage)
             return sess
 
@@ -144,7 +160,8 @@ class ONNXEngine:
     def set_lora(self, path, weight: float = 1.0) -> None:
         """Feed the DiT graphs W + lora_weight * B @ A for the adapter's targets (None: the
         exported weights). Open DiT sessions are closed so the next call rebuilds them."""
-        from lofi.acestep.lora import deltas, load_adapter
+        from lofi.acestep.lora import deltas, load_adapter, refuse_quantized
+        refuse_quantized(path, self.quantize)
         key = None if path is None else (str(path), float(weight))
         with self._lock:
             if key == self._lora:

@@ -18,7 +18,7 @@ def cuda_usable() -> bool:
     return probe()
 
 
-def stale_components(root, remote, precision) -> list[str]:
+def stale_components(root, remote, precision, quantize=None) -> list[str]:
     return []  # graphs are checked (and made) by prepare
 
 
@@ -47,7 +47,7 @@ def _precision(planned: str) -> str:
     return "fp32" if planned == "fp32" else "fp16"
 
 
-def pending(root: str | Path, precision: str) -> str | None:
+def pending(root: str | Path, precision: str, quantize: int | None = None) -> str | None:
     """What setup still has to do for this engine (a line for the plan), or None."""
     missing = missing_packages()
     if missing:
@@ -55,6 +55,10 @@ def pending(root: str | Path, precision: str) -> str | None:
     p = _precision(precision)
     out = graph_dir(root, p)
     if Path(root).is_dir() and stale_reason(out, root, p) is None:
+        if quantize == 8 and p == "fp32":
+            from lofi_cuda.quantize import fresh
+            if not fresh(out):
+                return f"to make the int8 DiT graph in {out}"
         return None
     return f"to build the ONNX graphs ({p}) in {out}"
 
@@ -81,16 +85,27 @@ def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[
         notice(f"the GPU cannot be used, graphs are built for the CPU: {problem}")
     precision = _precision(plan.precision)
     out = graph_dir(root, precision)
-    if stale_reason(out, root, precision) is None:
-        return True, []
-    # old graphs stay until the new folder replaces them: the whole new size must fit
-    check_free(_weight_bytes(root) * (2 if precision == "fp32" else 1))
-    name = f"onnx/{precision}"
-    progress.emit("converting", name, 0, 6, force=True)
-    from lofi_cuda.build import build_all
-    build_all(root, out, precision, log=lambda *a: None,
-              on_graph=lambda g, i, n: progress.emit("converting", name, i, n, force=True))
-    return True, [name]
+    fresh = stale_reason(out, root, precision) is None
+    made = []
+    if not fresh:
+        # old graphs stay until the new folder replaces them: the whole new size must fit
+        check_free(_weight_bytes(root) * (2 if precision == "fp32" else 1))
+        name = f"onnx/{precision}"
+        progress.emit("converting", name, 0, 6, force=True)
+        from lofi_cuda.build import build_all
+        build_all(root, out, precision, log=lambda *a: None,
+                  on_graph=lambda g, i, n: progress.emit("converting", name, i, n, force=True))
+        made.append(name)
+    quantize = getattr(plan, "quantize", None)
+    if quantize == 8 and precision == "fp32":  # int8 MatMul weights: the CPU's quantized DiT
+        from lofi_cuda.quantize import ensure_quantized, fresh as q_fresh
+        if not q_fresh(out):
+            ensure_quantized(out, log=lambda *a: None)
+            made.append(f"onnx/{precision}/dit_decode.q8")
+    elif quantize:
+        notice(f"ONNX Runtime keeps the DiT unquantized here (int8 weights: --quantize 8, on the CPU); "
+               f"--quantize {quantize} applies to the MLX engine")
+    return True, made
 
 
 def _gpu_package() -> bool:

@@ -135,7 +135,8 @@ def summarise(runs: list[dict], params, meta) -> dict:
 def print_table(res: dict, out=sys.stdout) -> None:
     m = res["meta"]
     p = res["params"]
-    print(f"lofi bench: {m['engine']}/{m['device']}/{m['precision']}  checkpoint={m['checkpoint']}  "
+    q = f"+q{m['quantize']}" if m.get("quantize") else ""
+    print(f"lofi bench: {m['engine']}/{m['device']}/{m['precision']}{q}  checkpoint={m['checkpoint']}  "
           f"{p['duration_sec']:g} s audio, {p['infer_steps']} steps {p['scheduler']}/{p['cfg_type']}, "
           f"{m['runs']} runs (+{m['warmup']} warm-up)", file=out)
     print(f"machine: {m['machine']}", file=out)
@@ -181,6 +182,17 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
+def hf_synthetic(out: Path, size: str) -> Path:
+    """Write (once) a synthetic checkpoint in the Hugging Face layout; reuses a complete one."""
+    from lofi.acestep.synthetic_hf import make_hf_checkpoint
+    done = out / "synthetic.json"
+    if done.is_file() and json.loads(done.read_text()) == {"size": size}:
+        return out
+    make_hf_checkpoint(out, size)
+    done.write_text(json.dumps({"size": size}))
+    return out
+
+
 def build_parser(engine_default="mlx") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lofi_mlx.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--engine", default=engine_default, choices=("mlx", "onnx"))
@@ -196,6 +208,8 @@ def build_parser(engine_default="mlx") -> argparse.ArgumentParser:
     ap.add_argument("--cfg-type", default="apg", choices=CFG_TYPES)
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    ap.add_argument("--quantize", type=int, default=None, choices=(8, 4),
+                    help="quantized DiT weights, bits per weight (default: none, full precision)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--keep-loaded", action="store_true",
@@ -216,10 +230,13 @@ def main(argv=None, engine_default="mlx") -> int:
                             seed=1234).validate()
     native = None
     if args.synthetic:
-        from lofi_mlx.synthetic import make_synthetic
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lofi.nvim" / "synthetic"
-        ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
-        native = ckpt / "mlx"
+        if args.engine == "mlx":
+            from lofi_mlx.synthetic import make_synthetic
+            ckpt = make_synthetic(base / f"{args.synthetic}-{args.precision}", args.synthetic, args.precision)
+            native = ckpt / "mlx"
+        else:  # the ONNX engine builds its graphs from the Hugging Face layout
+            ckpt = hf_synthetic(base / f"{args.synthetic}-hf", args.synthetic)
     else:
         if args.checkpoint is None:
             from lofi.cli import default_checkpoint
@@ -230,10 +247,12 @@ def main(argv=None, engine_default="mlx") -> int:
     if args.engine == "mlx":
         from lofi_mlx.engine import MLXEngine
         engine = MLXEngine(ckpt, args.precision, args.device, native_dir=native,
-                           keep_loaded=args.keep_loaded)
+                           keep_loaded=args.keep_loaded, quantize=args.quantize)
     else:
-        engine = create_engine(ckpt, "onnx", args.precision, args.device, keep_loaded=args.keep_loaded)
+        engine = create_engine(ckpt, "onnx", args.precision, args.device, keep_loaded=args.keep_loaded,
+                               quantize=args.quantize)
     meta = {"engine": engine.name, "device": engine.device, "precision": engine.precision,
+            "quantize": engine.quantize,
             "checkpoint": f"synthetic-{args.synthetic}" if args.synthetic else str(ckpt),
             "runs": args.runs, "warmup": args.warmup, "keep_loaded": args.keep_loaded,
             "machine": machine(),

@@ -5,19 +5,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.to_mlx import (conversion_fresh, convert_checkpoint, converted_precision, read_manifest,
-                            stale_components)
+from convert.to_mlx import (conversion_fresh, convert_checkpoint, converted_precision,
+                            converted_quantization, read_manifest)
+from convert.to_mlx import stale_components as _stale
 from lofi.checkpoint import COMPONENTS
 
 __all__ = ["stale_components", "prepare", "conversion_fresh", "model_ready", "pending", "prepare_bytes"]
 
 
-def pending(root: str | Path, precision: str) -> str | None:
+def pending(root: str | Path, precision: str, quantize: int | None = None) -> str | None:
     return None  # what MLX converts is the plan's convert_components
 
 
 def prepare_bytes(root, remote, precision: str) -> int:
     return 0  # counted from convert_components by the plan
+
+
+def stale_components(root, remote, precision: str, quantize: int | None = None) -> list[str]:
+    """The stale conversions; the DiT also when asked for other quantized weights than it has."""
+    out = _stale(root, remote, precision)
+    if quantize and "transformer" not in out:
+        from lofi_mlx.quantize import GROUP_SIZE
+        if converted_quantization(root, "transformer") != {"bits": quantize, "group_size": GROUP_SIZE}:
+            out.append("transformer")
+    return out
 
 
 def model_ready(root: str | Path, precision: str) -> bool:
@@ -42,5 +53,5 @@ def prepare(root: Path, plan, progress, notice, check_free) -> tuple[bool, list[
         progress.emit("converting", COMPONENTS[comp], now, total, force=frac in (0.0, 1.0))
 
     convert_checkpoint(root, plan.precision, components=comps, on_progress=conv_progress,
-                       check_free=check_free)
+                       check_free=check_free, quantize=getattr(plan, "quantize", None))
     return True, list(comps)

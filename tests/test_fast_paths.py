@@ -569,3 +569,52 @@ def test_cpu_cross_attention_matches_sdpa_and_zeroes_keyless_rows():
                      np.broadcast_to(np.array(key_mask), (B, H, T, L)))
     o = np.nan_to_num(w @ vd).transpose(0, 2, 1, 3).reshape(B, T, -1)
     assert_close(out, o, 2e-6, "cross attention vs numpy")
+
+
+def test_cached_context_kv_gives_the_same_velocity():
+    """The engine computes the context's cross-attention K/V once per condition; the velocity is
+    bit-identical to recomputing it, and the cache goes with the DiT."""
+    from lofi_mlx.engine import MLXEngine
+    from tests.conftest import CHECKPOINT
+    eng = MLXEngine(CHECKPOINT, "fp32", "cpu", keep_loaded=True)
+    rng = np.random.default_rng(3)
+    ctx = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    mask = np.ones((2, 9), np.float32)
+    mask[1, 5:] = 0
+    x = rng.standard_normal((2, 8, 16, 12)).astype(np.float32)
+    t, erg = np.array([700.0, 700.0], np.float32), np.array([False, True])
+    a = eng.velocity(x, t, ctx, mask, erg)
+    assert len(eng._kv) == 1
+    b = eng.velocity(x, t, ctx.copy(), mask, erg)  # same values, another array: a cache hit
+    assert len(eng._kv) == 1 and np.array_equal(a, b)
+    model = eng._models["transformer"]
+    plain = np.asarray(model.decode(mx.array(x), mx.array(t), mx.array(ctx), mx.array(mask),
+                                    erg=mx.array(erg)))
+    assert np.array_equal(a, plain)
+    other = eng.velocity(x, t, ctx + 1.0, mask, erg)
+    assert len(eng._kv) == 2 and not np.array_equal(other, a)
+    eng.release("transformer")
+    assert len(eng._kv) == 0
+
+
+def test_cached_context_kv_follows_a_lora_merge():
+    """A LoRA merged into the resident DiT changes the cross-attention K/V weights: the cached
+    K/V go with the old weights."""
+    from lofi_mlx.engine import MLXEngine
+    from tests.conftest import CHECKPOINT, FIXTURES
+    lora = FIXTURES / "ace_step_tiny_modes" / "lora" / "pytorch_lora_weights.safetensors"
+    eng = MLXEngine(CHECKPOINT, "fp32", "cpu", keep_loaded=True)
+    rng = np.random.default_rng(4)
+    ctx = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    mask = np.ones((2, 9), np.float32)
+    x = rng.standard_normal((2, 8, 16, 12)).astype(np.float32)
+    t, erg = np.array([700.0, 700.0], np.float32), np.array([False, False])
+    eng.velocity(x, t, ctx, mask, erg)
+    assert len(eng._kv) == 1
+    eng.set_lora(lora, 1.0)
+    assert len(eng._kv) == 0
+    a = eng.velocity(x, t, ctx, mask, erg)
+    model = eng._models["transformer"]
+    plain = np.asarray(model.decode(mx.array(x), mx.array(t), mx.array(ctx), mx.array(mask),
+                                    erg=mx.array(erg)))
+    assert np.array_equal(a, plain)

@@ -212,7 +212,7 @@ def test_verify_cli_exit_code(onnx_cache, capsys):
     from lofi_cuda.verify import main
     assert main([str(GOLDEN), "--device", "cpu", "--only", "transformer"]) == 0
     out = capsys.readouterr().out
-    assert "(onnx/cpu/fp32" in out and "0 failed" in out
+    assert "(ace-step, onnx/cpu/fp32" in out and "0 failed" in out
 
 
 # ---- the engine's behaviour --------------------------------------------------------------------

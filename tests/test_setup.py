@@ -621,3 +621,44 @@ def test_onnx_setup_without_the_onnx_package_is_not_ready(hub, home, monkeypatch
     assert "NOT ready" in err and "onnx (builds the graphs)" in err and "lofi[onnx-cpu]" in err
     assert "is ready" not in err and "export" not in err
     assert not (home / "ace-step" / "onnx").exists()
+
+
+def test_setup_quantize_converts_the_dit_quantized_on_request(hub, home):
+    """`setup --quantize 8` stores the DiT with 8-bit block weights and records it; asking again
+    is a no-op, asking for 4 bits converts the DiT (only) again, and the engine asked for those
+    bits runs from the conversion."""
+    from lofi_mlx.engine import MLXEngine
+    first = setup.run_setup(home, REV_A, precision="fp32", quantize=8)
+    assert sorted(first.converted) == sorted(COMPONENTS)
+    root = home / "ace-step"
+    assert to_mlx.converted_quantization(root, "transformer") == {"bits": 8, "group_size": 64}
+    assert to_mlx.converted_quantization(root, "vocoder") is None
+    assert setup.plan_setup(home, REV_A, precision="fp32", quantize=8).convert_components == []
+    plan = setup.plan_setup(home, REV_A, precision="fp32", quantize=4)
+    assert plan.convert_components == ["transformer"] and plan.summary()["quantize"] == 4
+    again = setup.run_setup(home, REV_A, precision="fp32", quantize=4)
+    assert again.converted == ["transformer"]
+    assert to_mlx.converted_quantization(root, "transformer") == {"bits": 4, "group_size": 64}
+    eng = MLXEngine(root, "fp32", "cpu", quantize=4)
+    assert eng.converted("transformer") and not MLXEngine(root, "fp32", "cpu", quantize=8).converted("transformer")
+    with pytest.raises(LofiError):
+        setup.plan_setup(home, REV_A, precision="fp32", quantize=3)
+
+
+def test_onnx_setup_quantize_makes_the_int8_dit_graph_once(hub, home, monkeypatch):
+    """`setup --engine onnx --quantize 8` on a CPU makes dit_decode.q8 beside the fp32 graphs;
+    asking again has nothing to do; 4 bits are refused for ONNX Runtime."""
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("LOFI_HOME", str(home))
+    from lofi.cli_setup import _pending
+    from lofi_cuda.quantize import fresh, quantized_path
+    first = setup.run_setup(home, REV_A, precision="fp32", engine="onnx", quantize=8)
+    out = home / "ace-step" / "onnx" / "fp32"
+    assert first.state == "ready" and first.converted == ["onnx/fp32", "onnx/fp32/dit_decode.q8"]
+    assert quantized_path(out).is_file() and fresh(out)
+    again = setup.run_setup(home, REV_A, precision="fp32", engine="onnx", quantize=8)
+    assert again.converted == []
+    assert _pending("onnx", setup.plan_setup(home, REV_A, precision="fp32", engine="onnx", quantize=8)) is None
+    with pytest.raises(LofiError) as e:
+        setup.plan_setup(home, REV_A, precision="fp32", engine="onnx", quantize=4)
+    assert e.value.code == "INVALID_PARAMS"

@@ -75,6 +75,17 @@ def test_bf16_is_read_exactly_without_widening(tiny):
     np.testing.assert_array_equal(np.asarray(lazy.reshape(-1, 16)), got.reshape(-1, 16))
 
 
+def test_graph_builder_reads_bf16_exactly(tiny):
+    from lofi_cuda.build.weights import Weights
+    w = Weights(tiny, "transformer")
+    lazy = np.asarray(open_safetensors(tiny / "ace_step_transformer" / "diffusion_pytorch_model.safetensors",
+                                       widen=True)["transformer_blocks.9.scale_shift_table"])
+    got = w.get("transformer_blocks.9.scale_shift_table")  # the file's last tensor
+    assert got.dtype == np.float32 and np.array_equal(got, lazy)
+    shape, parts = w.chunks("lyric_embs.weight", max_bytes=4096)
+    assert np.array_equal(np.concatenate(list(parts)), w.get("lyric_embs.weight"))
+
+
 def test_values_do_not_depend_on_the_chunking():
     rows = [S._values("x.weight", (10, 6), 1, 1.0, slice(a, a + 1)) for a in range(10)]
     assert np.isfinite(np.concatenate(rows)).all()

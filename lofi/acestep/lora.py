@@ -25,6 +25,13 @@ def _bad(msg: str):
     raise LofiError(INVALID_PARAMS, f"lora: {msg}", {"field": "lora"})
 
 
+def refuse_quantized(lora, quantize) -> None:
+    """A LoRA merges into full-precision DiT weights; quantized ones have none to merge into."""
+    if lora is not None and quantize:
+        _bad(f"adapters merge into full-precision DiT weights; not available with {quantize}-bit "
+             "quantized ones (--quantize / LOFI_QUANTIZE): generate without one or the other")
+
+
 @dataclass
 class LoraRef:
     name: str

@@ -331,15 +331,20 @@ def write_safetensors(path: Path, spec: Spec, dtype: str,
 
 def make_hf_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0,
                        scales: dict[str, float] | None = None, dcae_overrides: dict | None = None,
-                       tokenizer_from: str | Path | None = None) -> Path:
+                       tokenizer_from: str | Path | None = None,
+                       cfgs: dict | None = None, lyric: dict | None = None) -> Path:
     """Write the four folders of a synthetic checkpoint under `out`; returns `out`.
 
     scales: {name substring: factor} multiplies matching weights (a "hot" checkpoint whose
     activations leave the fp16 range); dcae_overrides: config.json values to replace (spelling
     variants). tokenizer_from: a umt5-base folder whose tokenizer files are copied (else a small
-    SentencePiece-style tokenizer is written)."""
+    SentencePiece-style tokenizer is written). cfgs / lyric: explicit configs (as `configs`
+    returns) instead of a named size's."""
     out = Path(out)
-    cfgs, lyric = configs(size)
+    if cfgs is None:
+        cfgs, lyric = configs(size)
+    cfgs = {k: dict(v) for k, v in cfgs.items()}
+    lyric = dict(lyric or LYRIC_FULL)
     cfgs["dcae"].update(dcae_overrides or {})
     scales = scales or {}
 

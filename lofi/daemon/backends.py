@@ -55,7 +55,8 @@ def open_pipeline(settings: Settings, backend: str = "ace-step"):
     from lofi.acestep.pipeline import Pipeline
 
     engine = create_engine(settings.checkpoint_dir, settings.engine, settings.precision,
-                           settings.device, settings.threads, settings.keep_loaded)
+                           settings.device, settings.threads, settings.keep_loaded,
+                           quantize=settings.quantize)
     return Pipeline(settings.checkpoint_dir, engine)
 
 
@@ -139,8 +140,11 @@ class Backends:
         return default_engine(self.settings.device, checkpoint_dir(self.settings, backend), backend)
 
     def identity(self, backend: str = "ace-step") -> tuple[str, str]:
+        """(engine, precision) as track ids see them; quantized DiT weights change the audio, so
+        they count as a precision of their own ("fp32+q8")."""
         engine = self.engine_name(backend)
-        return engine, self._precision(engine)
+        q = self.settings.quantize if backend == "ace-step" else None
+        return engine, self._precision(engine) + (f"+q{q}" if q else "")
 
     def _precision(self, engine: str | None) -> str:
         """The precision a job will run at (`auto` resolved for the predicted device)."""

@@ -296,6 +296,9 @@ def generate(d, params: dict, call: Call) -> dict:
     # each backend its own request; the other backend's parameters are refused by name
     gp = backends.build_params(backend, {k: params[k] for k in fields if k in params},
                                lambda p: resolve_task(p, d.cache.root, d.settings.home / "lora"))
+    if backend == "ace-step":
+        from lofi.acestep.lora import refuse_quantized
+        refuse_quantized(getattr(gp, "lora", None), d.settings.quantize)
     explicit_seed = gp.seed is not None
     if not explicit_seed:
         gp.seed = secrets.randbits(32)

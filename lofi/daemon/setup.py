@@ -1,6 +1,9 @@
 """The daemon method `setup` {backend, dry_run?, revision?, precision?, keep_original?,
-accept_license?}. MusicGen's weights are CC-BY-NC-4.0: its dry run answers the licence, its
+accept_license?, quantize?}. MusicGen's weights are CC-BY-NC-4.0: its dry run answers the licence, its
 model card and whether it was accepted; the setup itself needs accept_license: true once.
+
+quantize (ace-step): 8 | 4 | null, bits of the converted DiT's weights; default: the daemon's
+LOFI_QUANTIZE.
 
 dry_run: answers the plan at once (Plan.summary(): total_bytes, download_bytes, free_bytes,
 needed_bytes, enough_disk, files_to_download, files_changed, files_to_verify, convert, ... and
@@ -32,6 +35,7 @@ SPEC = {
     "precision": ((str,), False),
     "keep_original": ((bool,), False),
     "accept_license": ((bool,), False),  # musicgen: the weights' CC-BY-NC-4.0 licence
+    "quantize": ((int, type(None)), False),
 }
 
 _lock = threading.Lock()
@@ -47,6 +51,13 @@ def _check(params: dict) -> None:
         raise LofiError(INVALID_PARAMS, f"precision must be auto, bf16, fp16 or fp32, got "
                         f"{params['precision']!r}",
                         {"field": "precision", "allowed": ["auto", "bf16", "fp16", "fp32"]})
+    q = params.get("quantize")
+    if q is not None and (isinstance(q, bool) or q not in (8, 4)):
+        raise LofiError(INVALID_PARAMS, f"quantize must be 8, 4 or null, got {q!r}",
+                        {"field": "quantize", "allowed": [8, 4, None]})
+    if q is not None and backend != "ace-step":
+        raise LofiError(INVALID_PARAMS, f"quantize: an ACE-Step DiT option, not for {backend}",
+                        {"field": "quantize"})
 
 
 def _engine(d) -> str:
@@ -70,7 +81,8 @@ def handle_setup(d, params: dict, call) -> dict:
     root = setup.checkpoint_root(home, spec)
     kwargs = dict(revision=params.get("revision"), precision=params.get("precision", "auto"),
                   engine="none" if backend == "musicgen" else _engine(d),
-                  keep_original=params.get("keep_original"), spec=spec)
+                  keep_original=params.get("keep_original"), spec=spec,
+                  quantize=params.get("quantize", d.settings.quantize) if backend == "ace-step" else None)
     if spec.license is not None:
         licence = {"license": spec.license[0], "license_url": spec.license[1],
                    "model_card": f"https://huggingface.co/{spec.repo_id}",

@@ -85,6 +85,7 @@ class Plan:
     convert_components: list[str] = field(default_factory=list)
     convert_bytes: int = 0
     free_bytes: int = 0
+    quantize: int | None = None                          # bits of the converted DiT's weights
 
     @property
     def download_bytes(self) -> int:
@@ -110,7 +111,7 @@ class Plan:
                 "files_to_download": len(self.missing), "files_changed": len(self.outdated),
                 "files_to_verify": len(self.unverified),
                 "convert": self.convert_components, "convert_bytes": self.convert_bytes,
-                "precision": self.precision, "free_bytes": self.free_bytes,
+                "precision": self.precision, "quantize": self.quantize, "free_bytes": self.free_bytes,
                 "needed_bytes": self.needed_bytes, "enough_disk": self.enough_disk}
 
 
@@ -126,12 +127,18 @@ def conversion_precision(precision: str) -> str:
 def plan_setup(home: str | Path | None = None, revision: str | None = None, precision: str = "auto",
                engine: str = "mlx", keep_original: bool | None = None, remote: Remote | None = None,
                free: Callable[[Path], int] | None = None, token: str | bool | None = None,
-               spec: ModelSpec = ACE_STEP) -> Plan:
-    """Ask the Hub what the pinned revision holds and compare it with what is on disk."""
+               spec: ModelSpec = ACE_STEP, quantize: int | None = None) -> Plan:
+    """Ask the Hub what the pinned revision holds and compare it with what is on disk.
+    `quantize` (8 or 4): convert the DiT with quantized weights (the engine's own choice of format)."""
     if precision not in SETUP_PRECISIONS:
         raise LofiError(INVALID_PARAMS, f"precision must be one of {', '.join(SETUP_PRECISIONS)}, "
                         f"got {precision!r}")
     precision = conversion_precision(precision)
+    if quantize not in (None, 8, 4):
+        raise LofiError(INVALID_PARAMS, f"quantize must be 8, 4 or none, got {quantize!r}")
+    if quantize == 4 and engine == "onnx":
+        raise LofiError(INVALID_PARAMS, "ONNX Runtime quantizes the DiT to 8 bits (int8 MatMul "
+                        "weights) or not at all, not 4")
     if engine not in ("mlx", "onnx", "none"):
         raise LofiError(INVALID_PARAMS, f"engine must be mlx, onnx or none, got {engine!r}")
     root = checkpoint_root(home, spec)
@@ -142,10 +149,13 @@ def plan_setup(home: str | Path | None = None, revision: str | None = None, prec
 
     stale = []
     if engine != "none":
-        stale = _hooks(engine).stale_components(root, remote, precision)
+        hooks = _hooks(engine)
+        stale = (hooks.stale_components(root, remote, precision, quantize=quantize) if quantize
+                 else hooks.stale_components(root, remote, precision))
     if keep_original is None:
         keep_original = not removed_before
-    plan = Plan(root, remote, precision, engine, keep_original, spec, convert_components=stale)
+    plan = Plan(root, remote, precision, engine, keep_original, spec, convert_components=stale,
+                quantize=quantize)
     for rf in remote.files:
         path = root / rf.path
         rec = records.get(rf.path)
@@ -200,7 +210,7 @@ def run_setup(home: str | Path | None = None, revision: str | None = None, preci
               on_notice: Callable[[str], None] | None = None,
               free: Callable[[Path], int] | None = None, plan: Plan | None = None,
               cancel: threading.Event | None = None, token: str | bool | None = None,
-              spec: ModelSpec = ACE_STEP) -> SetupResult:
+              spec: ModelSpec = ACE_STEP, quantize: int | None = None) -> SetupResult:
     """Download what is missing, verify everything not verified before, repair what fails,
     convert for the engine. Refuses before downloading anything if the disk is too small."""
     notices: list[str] = []
@@ -218,7 +228,7 @@ def run_setup(home: str | Path | None = None, revision: str | None = None, preci
     with SetupLock(root):
         plan = plan_setup(home, revision, precision, engine, keep_original if plan is None
                           else plan.keep_original, remote=remote, free=free, token=token,
-                          spec=spec)
+                          spec=spec, quantize=quantize if plan is None else plan.quantize)
         if not plan.enough_disk:
             conv = f", {human(plan.convert_bytes)} for the converted weights" if plan.convert_bytes else ""
             raise LofiError(NOT_ENOUGH_DISK, f"not enough free disk at {root}: setup needs "

@@ -46,17 +46,18 @@ class Weights:
     def _read(self, key: str, row0: int = 0, rows: int | None = None) -> np.ndarray:
         path, info, offset = self._info(key)
         shape = tuple(info["shape"])
-        dt = _DTYPES[info["dtype"]]
-        item = 2 if dt == "bf16" else np.dtype(dt).itemsize
+        bf16 = info["dtype"] == "BF16"  # _DTYPES holds no numpy type for it (read as uint16)
+        dt = np.dtype(np.uint16 if bf16 else _DTYPES[info["dtype"]])
+        item = dt.itemsize
         row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
         rows = (shape[0] if shape else 1) - row0 if rows is None else rows
         start = offset + info["data_offsets"][0] + row0 * row * item
         with open(path, "rb") as fh:
             fh.seek(start)
-            raw = np.fromfile(fh, dtype=np.uint16 if dt == "bf16" else dt, count=rows * row)
+            raw = np.fromfile(fh, dtype=dt, count=rows * row)
         if raw.size != rows * row:
             raise LofiError(MODEL_LOAD_FAILED, f"damaged weight file {path}: tensor {key} is short")
-        if dt == "bf16":
+        if bf16:
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32, copy=False).reshape((rows,) + shape[1:] if shape else ())
 

@@ -44,7 +44,7 @@ _SINK: contextvars.ContextVar = contextvars.ContextVar("lofi_param_sink", defaul
 @contextlib.contextmanager
 def params_to(sink):
     """While active, `load_strict` hands each converted parameter to `sink` instead of loading
-    it: `sink.begin([(name, shape, dtype)])`, then `sink.write(name, array)` one at a time. The
+    it: `sink.begin([(name, shape, dtype)], model)`, then `sink.write(name, array)` one at a time. The
     converter streams a network to disk this way without ever holding the whole of it."""
     token = _SINK.set(sink)
     try:
@@ -63,7 +63,7 @@ def load_strict(model: nn.Module, weights: dict, dtype, source: str,
     want = {k: mx.float32 if keep_fp32 and keep_fp32(k) else dtype for k in params}
     sink = _SINK.get()
     if sink is not None:
-        sink.begin([(k, tuple(params[k].shape), want[k]) for k in params])
+        sink.begin([(k, tuple(params[k].shape), want[k]) for k in params], model)
         for k in params:
             sink.write(k, to_mx(weights[k], want[k]))
         return model

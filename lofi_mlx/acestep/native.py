@@ -54,9 +54,11 @@ def load_native(path: str | Path, component: str, cfg: dict, parts: tuple | None
         keep = tuple(parts or PARTS)
         weights = {k: v for k, v in weights.items() if k.split(".")[0] in keep
                    or k.split(".")[0] not in PARTS}
-    model = construct(component, cfg, weights, parts)
-    if dtype is not None:
-        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    from lofi_mlx.quantize import quantized_skeleton
+    model = quantized_skeleton(construct(component, cfg, weights, parts), weights)
+    if dtype is not None:  # quantized weights (integers) stay packed
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
