@@ -1,0 +1,104 @@
+"""Where MusicGen's ONNX graphs live and whether they still match the checkpoint (no ML framework
+imported). Same places and freshness rules as the ACE-Step graphs (lofi_cuda/graphs.py): next to
+a checkpoint under LOFI_HOME, else under LOFI_HOME's `onnx/`; a manifest written last records the
+checkpoint files' size, mtime and sha256."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from lofi.checkpoint import weight_files
+from lofi.errors import MODEL_LOAD_FAILED, LofiError
+
+from lofi_cuda.graphs import MANIFEST, graph_dir, read_manifest, sha256
+
+FAMILY = "musicgen"
+FORMAT = 1
+# graph name -> (input names, output names); per-layer cache names are added by the layer count
+GRAPHS = {
+    "mg_text_encoder": (("input_ids", "attention_mask", "buckets"), ("last_hidden_state", "states")),
+    "mg_cross_kv": (("enc_states",), ("cross.N.key", "cross.N.value")),
+    "mg_decoder": (("ids", "pos", "self_bias", "cross_bias", "past.N.key", "past.N.value",
+                    "cross.N.key", "cross.N.value"), ("logits", "present.N.key", "present.N.value")),
+    "mg_encodec_decode": (("codes",), ("audio", "embeddings", "tap.N")),
+}
+
+
+def checkpoint_files(checkpoint: str | Path) -> list[Path]:
+    root = Path(checkpoint)
+    return [root / "config.json", *weight_files(root)]
+
+
+def describe_checkpoint(checkpoint: str | Path) -> dict:
+    root = Path(checkpoint)
+    out = {}
+    for f in checkpoint_files(root):
+        st = f.stat()
+        out[f.relative_to(root).as_posix()] = {"sha256": sha256(f), "size": st.st_size,
+                                               "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def stale_reason(folder: Path, checkpoint: str | Path, precision: str) -> str | None:
+    m = read_manifest(folder)
+    if m is None:
+        return f"no readable {MANIFEST} in {folder}"
+    if m.get("family") != FAMILY or m.get("format") != FORMAT or m.get("precision") != precision:
+        return f"{folder} holds {m.get('family', 'ace-step')} format {m.get('format')} / {m.get('precision')} graphs"
+    graphs = m.get("graphs", {})
+    if set(graphs) != set(GRAPHS):
+        return f"{folder} lacks graphs {sorted(set(GRAPHS) - set(graphs))}"
+    for spec in graphs.values():
+        if not (folder / spec["file"]).is_file():
+            return f"graph file {folder / spec['file']} is missing"
+    root = Path(checkpoint)
+    recorded = m.get("checkpoint", {})
+    if {f.relative_to(root).as_posix() for f in checkpoint_files(root)} != set(recorded):
+        return "the checkpoint's files differ from those the graphs were made from"
+    for rel, info in recorded.items():
+        st = (root / rel).stat()
+        if st.st_size != info["size"] or (st.st_mtime_ns != info["mtime_ns"]
+                                          and sha256(root / rel) != info["sha256"]):
+            return f"{rel} changed since the graphs were built"
+    return None
+
+
+def locate(checkpoint: str | Path, precision: str) -> tuple[Path | None, list[str]]:
+    reasons = []
+    candidates = [Path(checkpoint) / "onnx" / precision]
+    if graph_dir(checkpoint, precision) != candidates[0]:
+        candidates.append(graph_dir(checkpoint, precision))
+    for folder in candidates:
+        why = stale_reason(folder, checkpoint, precision) if folder.is_dir() else f"{folder} does not exist"
+        if why is None:
+            return folder, reasons
+        reasons.append(why)
+    return None, reasons
+
+
+def ensure_graphs(checkpoint: str | Path, precision: str, log=print) -> Path:
+    """The folder of fresh MusicGen graphs; builds them first (the onnx package, no PyTorch)."""
+    folder, reasons = locate(checkpoint, precision)
+    if folder is not None:
+        return folder
+    target = graph_dir(checkpoint, precision)
+    if importlib.util.find_spec("onnx") is None:
+        raise LofiError(MODEL_LOAD_FAILED, f"the MusicGen ONNX graphs ({precision}) for {checkpoint} are "
+                        f"not built ({'; '.join(reasons)}) and building them needs the onnx package: "
+                        "pip install 'lofi[cuda]' (NVIDIA GPU) or 'lofi[onnx-cpu]'")
+    log(f"lofi: building the MusicGen ONNX graphs ({precision}) from {checkpoint} into {target} (one time)")
+    from lofi_cuda.build.musicgen import build_all
+    try:
+        build_all(checkpoint, target, precision, log=log)
+    except LofiError:
+        raise
+    except OSError as e:
+        raise LofiError(MODEL_LOAD_FAILED, f"cannot write the ONNX graphs to {target}: {e}") from e
+    except Exception as e:
+        raise LofiError(MODEL_LOAD_FAILED, f"building the MusicGen ONNX graphs failed: "
+                        f"{type(e).__name__}: {e}") from e
+    why = stale_reason(target, checkpoint, precision)
+    if why is not None:
+        raise LofiError(MODEL_LOAD_FAILED, f"the ONNX graphs just built are unusable: {why}")
+    return target
