@@ -27,6 +27,13 @@ REGISTRY = {
 }
 ENGINES = tuple(REGISTRY)
 CPU_ORDER = ("onnx", "mlx")
+DEFAULT_BACKEND = "ace-step"
+# backend -> engine -> module:class; a backend lists only the engines that implement it
+BACKEND_ENGINES = {
+    "ace-step": {n: REGISTRY[n][0] for n in ENGINES},
+    "musicgen": {"mlx": "lofi_mlx.musicgen.engine:MusicgenMLXEngine",
+                 "onnx": "lofi_cuda.musicgen.engine:MusicgenONNXEngine"},
+}
 
 
 def _installed(module: str) -> bool:
@@ -44,8 +51,9 @@ def _onnx_graphs_present(checkpoint) -> bool:
     return checkpoint is not None and any(Path(checkpoint).glob("onnx/*/manifest.json"))
 
 
-def available_engines(checkpoint=None) -> dict[str, str]:
+def available_engines(checkpoint=None, backend: str = DEFAULT_BACKEND) -> dict[str, str]:
     """Each engine's state: "available", or "not_installed: <what to install>"."""
+    _check_backend(backend)
     out = {"mlx": "available" if _installed("mlx") else "not_installed: pip install 'lofi[mlx]'"}
     if not _installed("onnxruntime"):
         out["onnx"] = "not_installed: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'"
@@ -54,7 +62,16 @@ def available_engines(checkpoint=None) -> dict[str, str]:
                        "package: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'")
     else:
         out["onnx"] = "available"
+    for n in ENGINES:
+        if n not in BACKEND_ENGINES[backend]:
+            out[n] = f"not_installed: the {n} engine does not implement {backend}"
     return out
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKEND_ENGINES:
+        raise LofiError(MODEL_LOAD_FAILED, f"unknown backend {backend!r}; choose one of "
+                        f"{', '.join(BACKEND_ENGINES)}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,8 +84,8 @@ def cuda_usable() -> bool:
     return setup_hooks("onnx").cuda_usable()
 
 
-def default_engine(device: str = "auto", checkpoint=None) -> str:
-    avail = available_engines(checkpoint)
+def default_engine(device: str = "auto", checkpoint=None, backend: str = DEFAULT_BACKEND) -> str:
+    avail = available_engines(checkpoint, backend)
     ok = [n for n in ENGINES if avail[n] == "available"]
     if not ok:
         if not _installed("onnxruntime") and not _installed("mlx"):
@@ -95,21 +112,25 @@ def resolve_precision(engine: str, precision: str, device: str) -> str:
 
 
 def create_engine(checkpoint: str | Path, name: str = "auto", precision: str = "auto",
-                  device: str = "auto", threads: int | None = None, keep_loaded: bool = False):
+                  device: str = "auto", threads: int | None = None, keep_loaded: bool = False,
+                  backend: str = DEFAULT_BACKEND):
     if name == "auto":
-        name = default_engine(device, checkpoint)
+        name = default_engine(device, checkpoint, backend)
     if name not in ENGINES:
         raise LofiError(MODEL_LOAD_FAILED, f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
-    state = available_engines(checkpoint)[name]
+    state = available_engines(checkpoint, backend)[name]
     if state != "available":
         raise LofiError(MODEL_LOAD_FAILED, f"engine {name} is {state}")
-    return engine_class(name)(checkpoint, precision=precision, device=device, threads=threads,
+    return engine_class(name, backend)(checkpoint, precision=precision, device=device, threads=threads,
                               keep_loaded=keep_loaded)
 
 
-def engine_class(name: str):
-    """The Engine class registered as `name` (imports that engine's package)."""
-    mod, _, cls = REGISTRY[name][0].partition(":")
+def engine_class(name: str, backend: str = DEFAULT_BACKEND):
+    """The Engine class registered as `name` for `backend` (imports that engine's package)."""
+    _check_backend(backend)
+    if name not in BACKEND_ENGINES[backend]:
+        raise LofiError(MODEL_LOAD_FAILED, f"the {name} engine does not implement {backend}")
+    mod, _, cls = BACKEND_ENGINES[backend][name].partition(":")
     return getattr(importlib.import_module(mod), cls)
 
 
