@@ -37,13 +37,13 @@ def is_musicgen_set(golden_dir: Path) -> bool:
     return is_musicgen_manifest(json.loads((Path(golden_dir) / "manifest.json").read_text()))
 
 
-def run_musicgen(golden_dir, engine, factory, out=sys.stdout, only=None) -> Report:
+def run_musicgen(golden_dir, engine, factory, out=None, only=None) -> Report:
     """Every MusicGen golden of the set; `factory(checkpoint)` makes the engine of another
     checkpoint of the set (checkpoint_stereo/)."""
     from lofi.musicgen.verify import CHECKERS
     golden_dir = Path(golden_dir)
     manifest = json.loads((golden_dir / "manifest.json").read_text())
-    rep = Report(engine.precision, out)
+    rep = Report(engine.precision, out or sys.stdout)
     ctx = _MusicgenContext(golden_dir, engine, factory)
     for fname, entry in manifest["files"].items():
         stem = fname.rsplit(".", 1)[0]
