@@ -46,20 +46,21 @@ class DecoderSession:
         self.dh = d.hidden_size // self.heads
         enc = engine._f32(enc_states)
         self.rows = enc.shape[0]
-        self.cuda = engine.device == "cuda"
+        self.bound = engine.io_binding
+        dev = self.dev = "cuda" if engine.device == "cuda" else "cpu"
         mask = np.asarray(enc_mask)
         self.fixed = {"cross_bias": np.where(mask > 0, np.float32(0), MASKED)
                       .astype(np.float32)[:, None, None, :]}
         sess = engine._session("decoder", "mg_cross_kv")
         names = [o.name for o in sess.get_outputs()]
-        if self.cuda:
+        if self.bound:
             binding = sess.io_binding()
             binding.bind_cpu_input("enc_states", enc)
             for n in names:
-                binding.bind_output(n, "cuda")
+                binding.bind_output(n, dev)
             engine._guard(lambda: sess.run_with_iobinding(binding), "MusicGen cross-attention")
             self.fixed.update(zip(names, binding.get_outputs()))
-            self.fixed["cross_bias"] = engine.ort.OrtValue.ortvalue_from_numpy(self.fixed["cross_bias"], "cuda", 0)
+            self.fixed["cross_bias"] = engine.ort.OrtValue.ortvalue_from_numpy(self.fixed["cross_bias"], dev, 0)
         else:
             self.fixed.update(zip(names, engine._guard(lambda: sess.run(names, {"enc_states": enc}),
                                                        "MusicGen cross-attention")))
@@ -82,7 +83,7 @@ class DecoderSession:
                  "self_bias": np.where(np.arange(off + s)[None, :] <= q, np.float32(0), MASKED)}
         sess = self.e._session("decoder", "mg_decoder")
         outs = [o.name for o in sess.get_outputs()]
-        if self.cuda:
+        if self.bound:
             binding = sess.io_binding()
             for n, a in feeds.items():
                 binding.bind_cpu_input(n, np.ascontiguousarray(a))
@@ -94,7 +95,7 @@ class DecoderSession:
             for n, a in self.fixed.items():
                 binding.bind_ortvalue_input(n, a)
             for n in outs:
-                binding.bind_output(n, "cpu" if n == "logits" else "cuda")
+                binding.bind_output(n, "cpu" if n == "logits" else self.dev)
             self.e._guard(lambda: sess.run_with_iobinding(binding), "MusicGen decoder")
             vals = dict(zip(outs, binding.get_outputs()))
             logits = vals.pop("logits").numpy()
@@ -120,6 +121,8 @@ class MusicgenONNXEngine(ONNXEngine):
         super().__init__(checkpoint, precision, device, threads, keep_loaded, log)
         self.config = load_config(self.checkpoint)
         self._positions = None
+        # the decoder's caches stay where ORT made them (the GPU) from one step to the next
+        self.io_binding = self.device == "cuda"
 
     # -- graphs and sessions ---------------------------------------------------------------
     def graph_dir(self) -> Path:
