@@ -22,8 +22,9 @@ from lofi.musicgen.configs import load_config
 from lofi_cuda import tables
 from lofi_cuda.engine import ONNXEngine
 
-STAGES = {"text_encoder": ("mg_text_encoder",), "decoder": ("mg_cross_kv", "mg_decoder"),
+STAGES = {"text_encoder": ("mg_text_encoder",), "decoder": ("mg_cross_kv", "mg_decoder", "mg_decoder_cat"),
           "encodec": ("mg_encodec_decode",)}
+CACHE_STEP = 256  # cache buffer growth (columns): the step reads at most this many unused ones
 MASKED = np.float32(-1e30)  # finite, as in the graphs: an all-masked row gives 0, not NaN
 
 
@@ -36,7 +37,11 @@ def sinusoidal_positions(n: int, dim: int) -> np.ndarray:
 
 
 class DecoderSession:
-    """One decoding run: the text's cross-attention keys/values (computed once) and the cache."""
+    """One decoding run: the text's cross-attention keys/values (computed once) and the cache.
+
+    On the CPU the cache is a numpy buffer per layer, grown CACHE_STEP columns at a time; the step
+    graph reads it (unused columns masked) and returns the new columns, written in place. With IO
+    binding (CUDA) the concatenating graph's caches stay on the device from step to step."""
 
     def __init__(self, engine: "MusicgenONNXEngine", enc_states, enc_mask):
         self.e = engine
@@ -64,9 +69,9 @@ class DecoderSession:
         else:
             self.fixed.update(zip(names, engine._guard(lambda: sess.run(names, {"enc_states": enc}),
                                                        "MusicGen cross-attention")))
-        kv = np.float16 if engine.precision == "fp16" else np.float32
-        empty = np.zeros((self.rows, self.heads, 0, self.dh), kv)
-        self.past = {f"past.{i}.{w}": empty for i in range(self.layers) for w in ("key", "value")}
+        self.kv_dtype = np.float16 if engine.precision == "fp16" else np.float32
+        empty = np.zeros((self.rows, self.heads, 0, self.dh), self.kv_dtype)
+        self.cache = {f"{i}.{w}": empty for i in range(self.layers) for w in ("key", "value")}
         self.offset = 0
 
     def __call__(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
@@ -77,40 +82,59 @@ class DecoderSession:
         if off + s > self.e.config.decoder.max_position_embeddings:
             raise LofiError(MODEL_INFERENCE_FAILED, f"MusicGen decoder positions beyond "
                             f"{self.e.config.decoder.max_position_embeddings}")
-        q = np.arange(off, off + s)[:, None]
         feeds = {"ids": np.ascontiguousarray(ids.reshape(rows // self.k, self.k, s)),
-                 "pos": self.e.positions()[off:off + s],
-                 "self_bias": np.where(np.arange(off + s)[None, :] <= q, np.float32(0), MASKED)}
-        sess = self.e._session("decoder", "mg_decoder")
-        outs = [o.name for o in sess.get_outputs()]
-        if self.bound:
-            binding = sess.io_binding()
-            for n, a in feeds.items():
-                binding.bind_cpu_input(n, np.ascontiguousarray(a))
-            for n, a in self.past.items():
-                if isinstance(a, np.ndarray):
-                    binding.bind_cpu_input(n, a)
-                else:
-                    binding.bind_ortvalue_input(n, a)
-            for n, a in self.fixed.items():
-                binding.bind_ortvalue_input(n, a)
-            for n in outs:
-                binding.bind_output(n, "cpu" if n == "logits" else self.dev)
-            self.e._guard(lambda: sess.run_with_iobinding(binding), "MusicGen decoder")
-            vals = dict(zip(outs, binding.get_outputs()))
-            logits = vals.pop("logits").numpy()
-        else:
-            feeds.update(self.past)
-            feeds.update(self.fixed)
-            vals = dict(zip(outs, self.e._guard(lambda: sess.run(outs, feeds), "MusicGen decoder")))
-            logits = vals.pop("logits")
+                 "pos": self.e.positions()[off:off + s]}
+        logits = self._bound(feeds, off, s) if self.bound else self._buffered(feeds, off, s)
         if not np.all(np.isfinite(logits)):
             raise LofiError(MODEL_INFERENCE_FAILED, "MusicGen decoder produced NaN or Inf values")
-        self.past = {n.replace("present.", "past.", 1): a for n, a in vals.items()}
         self.offset += s
         if not all_positions:
             logits = logits[:, :, -1]
         return logits.reshape((rows,) + logits.shape[2:])
+
+    def _buffered(self, feeds: dict, off: int, s: int) -> np.ndarray:
+        cap = next(iter(self.cache.values())).shape[2]
+        if off + s > cap:
+            cap = -(-(off + s) // CACHE_STEP) * CACHE_STEP
+            for n, a in self.cache.items():
+                grown = np.zeros((self.rows, self.heads, cap, self.dh), self.kv_dtype)
+                grown[:, :, :off] = a[:, :, :off]
+                self.cache[n] = grown
+        q = np.arange(s)[:, None]
+        feeds["self_bias"] = np.concatenate(
+            [np.where(np.arange(cap)[None, :] < off, np.float32(0), MASKED).repeat(s, axis=0),
+             np.where(np.arange(s)[None, :] <= q, np.float32(0), MASKED)], axis=1).astype(np.float32)
+        feeds.update((f"cache.{n}", a) for n, a in self.cache.items())
+        feeds.update(self.fixed)
+        sess = self.e._session("decoder", "mg_decoder")
+        outs = [o.name for o in sess.get_outputs()]
+        vals = dict(zip(outs, self.e._guard(lambda: sess.run(outs, feeds), "MusicGen decoder")))
+        for n, a in self.cache.items():
+            a[:, :, off:off + s] = vals[f"new.{n}"]
+        return vals["logits"]
+
+    def _bound(self, feeds: dict, off: int, s: int) -> np.ndarray:
+        feeds["self_bias"] = np.where(np.arange(off + s)[None, :] <= np.arange(off, off + s)[:, None],
+                                      np.float32(0), MASKED)
+        sess = self.e._session("decoder", "mg_decoder_cat")
+        outs = [o.name for o in sess.get_outputs()]
+        binding = sess.io_binding()
+        for n, a in feeds.items():
+            binding.bind_cpu_input(n, np.ascontiguousarray(a))
+        for n, a in self.cache.items():
+            if isinstance(a, np.ndarray):
+                binding.bind_cpu_input(f"past.{n}", a)
+            else:
+                binding.bind_ortvalue_input(f"past.{n}", a)
+        for n, a in self.fixed.items():
+            binding.bind_ortvalue_input(n, a)
+        for n in outs:
+            binding.bind_output(n, "cpu" if n == "logits" else self.dev)
+        self.e._guard(lambda: sess.run_with_iobinding(binding), "MusicGen decoder")
+        vals = dict(zip(outs, binding.get_outputs()))
+        logits = vals.pop("logits").numpy()
+        self.cache = {n.removeprefix("present."): a for n, a in vals.items()}
+        return logits
 
 
 class MusicgenONNXEngine(ONNXEngine):
@@ -147,7 +171,8 @@ class MusicgenONNXEngine(ONNXEngine):
 
     def load(self, stage: str) -> None:
         for g in STAGES[stage]:
-            self._session(stage, g)
+            if g != ("mg_decoder" if self.io_binding else "mg_decoder_cat"):
+                self._session(stage, g)
 
     def set_lora(self, path, weight: float = 1.0) -> None:
         if path is not None:

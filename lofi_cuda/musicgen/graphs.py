@@ -14,13 +14,15 @@ from lofi.errors import MODEL_LOAD_FAILED, LofiError
 from lofi_cuda.graphs import MANIFEST, graph_dir, read_manifest, sha256
 
 FAMILY = "musicgen"
-FORMAT = 1
+FORMAT = 2  # 2: a CPU step graph over a cache buffer + the concatenating one for CUDA
 # graph name -> (input names, output names); per-layer cache names are added by the layer count
 GRAPHS = {
     "mg_text_encoder": (("input_ids", "attention_mask", "buckets"), ("last_hidden_state", "states")),
     "mg_cross_kv": (("enc_states",), ("cross.N.key", "cross.N.value")),
-    "mg_decoder": (("ids", "pos", "self_bias", "cross_bias", "past.N.key", "past.N.value",
-                    "cross.N.key", "cross.N.value"), ("logits", "present.N.key", "present.N.value")),
+    "mg_decoder": (("ids", "pos", "self_bias", "cross_bias", "cache.N.key", "cache.N.value",
+                    "cross.N.key", "cross.N.value"), ("logits", "new.N.key", "new.N.value")),
+    "mg_decoder_cat": (("ids", "pos", "self_bias", "cross_bias", "past.N.key", "past.N.value",
+                        "cross.N.key", "cross.N.value"), ("logits", "present.N.key", "present.N.value")),
     "mg_encodec_decode": (("codes",), ("audio", "embeddings", "tap.N")),
 }
 

@@ -2,8 +2,9 @@
 
     python -m lofi_cuda.build.musicgen CHECKPOINT OUT_DIR [--precision fp32|fp16]
 
-Four graphs (lofi_cuda/musicgen/graphs.py GRAPHS): the T5 text encoder + projection, the
-decoder's cross-attention keys/values, the KV-cached decoder step, the EnCodec decoder. Like
+The graphs of lofi_cuda/musicgen/graphs.py GRAPHS: the T5 text encoder + projection, the
+decoder's cross-attention keys/values, the KV-cached decoder step (a CPU and a GPU form over one
+weight file), the EnCodec decoder. Like
 lofi_cuda.build: written into a temporary folder swapped in at the end, manifest last.
 """
 
@@ -26,12 +27,12 @@ def build_graphs(checkpoint, folder: Path, precision: str, log=print):
     from lofi_cuda.build.musicgen import decoder, encodec, t5
     cfg = load_config(checkpoint)
     dt = _dtype(precision)
-    for name, make in (("mg_text_encoder", t5.build), ("mg_cross_kv", decoder.build_cross),
-                       ("mg_decoder", decoder.build_step), ("mg_encodec_decode", encodec.build)):
+    for make in (t5.build, decoder.build_cross, decoder.build_step, encodec.build):
         t0 = time.perf_counter()
-        spec = make(checkpoint, folder, dt, cfg)
-        log(f"  {name}: {spec['weight_bytes'] / 1e6:.1f} MB of weights, {time.perf_counter() - t0:.1f} s")
-        yield name, spec
+        out = make(checkpoint, folder, dt, cfg)
+        for name, spec in out:
+            log(f"  {name}: {spec['weight_bytes'] / 1e6:.1f} MB of weights, {time.perf_counter() - t0:.1f} s")
+            yield name, spec
 
 
 def dims(checkpoint) -> dict:

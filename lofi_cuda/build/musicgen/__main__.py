@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     except LofiError as e:
         print(f"lofi_cuda.build.musicgen: {e.code}: {e.message}", file=sys.stderr)
         return 1
-    print(f"built 4 graphs ({args.precision}) in {args.out_dir} in {time.perf_counter() - t0:.1f} s")
+    print(f"built 5 graphs ({args.precision}) in {args.out_dir} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -132,7 +132,7 @@ def build(root, folder, dtype, cfg: MusicgenConfig) -> dict:
         for n, t in sorted(taps.items()):
             g.output(t.float(), f"tap.{n}", ["B", None, None])
         w.finish()
-        return g.save("EnCodec decoder (quantizer lookup + SEANet) for MusicGen")
+        return [("mg_encodec_decode", g.save("EnCodec decoder (quantizer lookup + SEANet) for MusicGen"))]
     except BaseException:
         g.abandon()
         raise

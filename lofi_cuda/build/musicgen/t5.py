@@ -77,7 +77,7 @@ def build(root, folder, dtype, cfg: MusicgenConfig) -> dict:
             p.finish()
         g.output(s * g.unsqueeze(mask.float(), [2]), "states", ["B", "N", hidden])
         w.finish()
-        return g.save("MusicGen T5 text encoder + enc_to_dec_proj")
+        return [("mg_text_encoder", g.save("MusicGen T5 text encoder + enc_to_dec_proj"))]
     except BaseException:
         g.abandon()
         raise
