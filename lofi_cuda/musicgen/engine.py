@@ -65,7 +65,8 @@ class DecoderSession:
                 binding.bind_output(n, dev)
             engine._guard(lambda: sess.run_with_iobinding(binding), "MusicGen cross-attention")
             self.fixed.update(zip(names, binding.get_outputs()))
-            self.fixed["cross_bias"] = engine.ort.OrtValue.ortvalue_from_numpy(self.fixed["cross_bias"], dev, 0)
+            self.fixed["cross_bias"] = engine.ort.OrtValue.ortvalue_from_numpy(
+                self.fixed["cross_bias"], dev, 0)
         else:
             self.fixed.update(zip(names, engine._guard(lambda: sess.run(names, {"enc_states": enc}),
                                                        "MusicGen cross-attention")))
@@ -153,7 +154,7 @@ class MusicgenONNXEngine(ONNXEngine):
         with self._lock:
             if self._graph_dir is None:
                 from lofi_cuda.graphs import read_manifest
-                from lofi_cuda.musicgen.graphs import ensure_graphs
+                from lofi_cuda.musicgen.prepare import ensure_graphs
                 folder = ensure_graphs(self.checkpoint, self.precision, log=self.log)
                 self._dims = read_manifest(folder)["dims"]
                 self._graph_dir = folder

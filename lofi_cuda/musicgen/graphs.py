@@ -5,11 +5,9 @@ checkpoint files' size, mtime and sha256."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from lofi.checkpoint import weight_files
-from lofi.errors import MODEL_LOAD_FAILED, LofiError
 
 from lofi_cuda.graphs import MANIFEST, graph_dir, read_manifest, sha256
 
@@ -47,7 +45,8 @@ def stale_reason(folder: Path, checkpoint: str | Path, precision: str) -> str | 
     if m is None:
         return f"no readable {MANIFEST} in {folder}"
     if m.get("family") != FAMILY or m.get("format") != FORMAT or m.get("precision") != precision:
-        return f"{folder} holds {m.get('family', 'ace-step')} format {m.get('format')} / {m.get('precision')} graphs"
+        return (f"{folder} holds {m.get('family', 'ace-step')} format {m.get('format')} / "
+                f"{m.get('precision')} graphs")
     graphs = m.get("graphs", {})
     if set(graphs) != set(GRAPHS):
         return f"{folder} lacks graphs {sorted(set(GRAPHS) - set(graphs))}"
@@ -77,30 +76,3 @@ def locate(checkpoint: str | Path, precision: str) -> tuple[Path | None, list[st
             return folder, reasons
         reasons.append(why)
     return None, reasons
-
-
-def ensure_graphs(checkpoint: str | Path, precision: str, log=print) -> Path:
-    """The folder of fresh MusicGen graphs; builds them first (the onnx package, no PyTorch)."""
-    folder, reasons = locate(checkpoint, precision)
-    if folder is not None:
-        return folder
-    target = graph_dir(checkpoint, precision)
-    if importlib.util.find_spec("onnx") is None:
-        raise LofiError(MODEL_LOAD_FAILED, f"the MusicGen ONNX graphs ({precision}) for {checkpoint} are "
-                        f"not built ({'; '.join(reasons)}) and building them needs the onnx package: "
-                        "pip install 'lofi[cuda]' (NVIDIA GPU) or 'lofi[onnx-cpu]'")
-    log(f"lofi: building the MusicGen ONNX graphs ({precision}) from {checkpoint} into {target} (one time)")
-    from lofi_cuda.build.musicgen import build_all
-    try:
-        build_all(checkpoint, target, precision, log=log)
-    except LofiError:
-        raise
-    except OSError as e:
-        raise LofiError(MODEL_LOAD_FAILED, f"cannot write the ONNX graphs to {target}: {e}") from e
-    except Exception as e:
-        raise LofiError(MODEL_LOAD_FAILED, f"building the MusicGen ONNX graphs failed: "
-                        f"{type(e).__name__}: {e}") from e
-    why = stale_reason(target, checkpoint, precision)
-    if why is not None:
-        raise LofiError(MODEL_LOAD_FAILED, f"the ONNX graphs just built are unusable: {why}")
-    return target

@@ -69,14 +69,16 @@ class Builder:
 
     def out(self, o: Value, key: str) -> Value:
         h = self.d.hidden_size
-        return self.linear(self.g.reshape(o.permute(0, 2, 1, 3), [0, 0, h]), key + ".out_proj.weight", h, h).float()
+        o = self.g.reshape(o.permute(0, 2, 1, 3), [0, 0, h])
+        return self.linear(o, key + ".out_proj.weight", h, h).float()
 
     def attend(self, x: Value, key: str, k: Value, v: Value, bias: Value) -> Value:
         g = self.g
         p = g.softmax(self.query(x, key) @ k.float().permute(0, 1, 3, 2) + bias)
         return self.out(g.cast(p, v.dtype) @ v, key)
 
-    def attend_split(self, x: Value, key: str, ck: Value, cv: Value, k: Value, v: Value, bias: Value) -> Value:
+    def attend_split(self, x: Value, key: str, ck: Value, cv: Value, k: Value, v: Value,
+                     bias: Value) -> Value:
         """Attention over [cache buffer | new columns] without joining them: scores are joined
         (small), the weighted sums are added."""
         g = self.g
@@ -102,8 +104,9 @@ class Builder:
     def heads_out(self, h: Value) -> Value:
         g, d = self.g, self.d
         keys = [f"lm_heads.{i}.weight" for i in range(d.num_codebooks)]
-        w = self.param("lm_heads", lambda: ((d.num_codebooks, d.hidden_size, d.vocab_size),
-                                            (self.w.get(key, (d.vocab_size, d.hidden_size)).T for key in keys)))
+        shape = (d.num_codebooks, d.hidden_size, d.vocab_size)
+        w = self.param("lm_heads", lambda: (shape, (self.w.get(key, (d.vocab_size, d.hidden_size)).T
+                                                    for key in keys)))
         return g.linear(g.unsqueeze(h, [1]), w).float()                        # [R,K,S,V]
 
 
@@ -113,7 +116,8 @@ def _layer(i: int) -> str:
 
 def build_cross(root, folder, dtype, cfg: MusicgenConfig) -> dict:
     w = _weights(root)
-    w.ignored |= {k for k in w.keys() if ".encoder_attn.k_proj." not in k and ".encoder_attn.v_proj." not in k}
+    w.ignored |= {k for k in w.keys()
+                  if ".encoder_attn.k_proj." not in k and ".encoder_attn.v_proj." not in k}
     d = cfg.decoder
     g = Graph("mg_cross_kv", folder, dtype)
     try:
@@ -179,7 +183,8 @@ def build_step(root, folder, dtype, cfg: MusicgenConfig) -> list[tuple[str, dict
         cat = g.save_variant("mg_decoder_cat", "MusicGen decoder step: past + present KV cache (GPU)")
         _step(g, b, cached=True)
         w.finish()
-        return [("mg_decoder_cat", cat), ("mg_decoder", g.save("MusicGen decoder step over a cache buffer (CPU)"))]
+        return [("mg_decoder_cat", cat),
+                ("mg_decoder", g.save("MusicGen decoder step over a cache buffer (CPU)"))]
     except BaseException:
         g.abandon()
         raise

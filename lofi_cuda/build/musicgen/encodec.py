@@ -51,7 +51,8 @@ class Builder:
         w = self.weight(key)
         total = (w.shape[-1] - 1) * dilation
         x = self.reflect_pad(x, total - total // 2, total // 2)
-        return g.op("Conv", x, g.param(w, name=key + ".weight"), g.param(self.w.get(key + ".bias"), name=key + ".bias"),
+        return g.op("Conv", x, g.param(w, name=key + ".weight"),
+                    g.param(self.w.get(key + ".bias"), name=key + ".bias"),
                     dilations=[dilation], kernel_shape=[w.shape[-1]])
 
     def conv_transpose(self, x: Value, key: str, stride: int) -> Value:

@@ -51,7 +51,8 @@ class Builder:
         bias = rel + g.unsqueeze((1.0 - mask.float()) * MASKED, [1, 2])
         for i in range(t.num_layers):
             base = f"encoder.block.{i}.layer"
-            h = h + self.attention(self.norm(h, f"{base}.0.layer_norm.weight"), f"{base}.0.SelfAttention", bias)
+            x = self.norm(h, f"{base}.0.layer_norm.weight")
+            h = h + self.attention(x, f"{base}.0.SelfAttention", bias)
             x = self.norm(h, f"{base}.1.layer_norm.weight")
             y = g.relu(self.linear(x, f"{base}.1.DenseReluDense.wi.weight", t.d_model, t.d_ff))
             h = h + self.linear(y, f"{base}.1.DenseReluDense.wo.weight", t.d_ff, t.d_model).float()
