@@ -31,7 +31,8 @@ DEFAULT_BACKEND = "ace-step"
 # backend -> engine -> module:class; a backend lists only the engines that implement it
 BACKEND_ENGINES = {
     "ace-step": {n: REGISTRY[n][0] for n in ENGINES},
-    "musicgen": {"mlx": "lofi_mlx.musicgen.engine:MusicgenMLXEngine"},
+    "musicgen": {"mlx": "lofi_mlx.musicgen.engine:MusicgenMLXEngine",
+                 "onnx": "lofi_cuda.musicgen.engine:MusicgenONNXEngine"},
 }
 
 
@@ -52,15 +53,7 @@ def _onnx_graphs_present(checkpoint) -> bool:
 
 def available_engines(checkpoint=None, backend: str = DEFAULT_BACKEND) -> dict[str, str]:
     """Each engine's state: "available", or "not_installed: <what to install>"."""
-    if backend != DEFAULT_BACKEND:
-        _check_backend(backend)
-        out = {}
-        for n in ENGINES:
-            if n not in BACKEND_ENGINES[backend]:
-                out[n] = f"not_installed: the {n} engine does not implement {backend} yet"
-            elif n == "mlx":
-                out[n] = "available" if _installed("mlx") else "not_installed: pip install 'lofi[mlx]'"
-        return out
+    _check_backend(backend)
     out = {"mlx": "available" if _installed("mlx") else "not_installed: pip install 'lofi[mlx]'"}
     if not _installed("onnxruntime"):
         out["onnx"] = "not_installed: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'"
@@ -69,7 +62,16 @@ def available_engines(checkpoint=None, backend: str = DEFAULT_BACKEND) -> dict[s
                        "package: pip install 'lofi[cuda]' (NVIDIA) or 'lofi[onnx-cpu]'")
     else:
         out["onnx"] = "available"
+    for n in ENGINES:
+        if n not in BACKEND_ENGINES[backend]:
+            out[n] = f"not_installed: the {n} engine does not implement {backend}"
     return out
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKEND_ENGINES:
+        raise LofiError(MODEL_LOAD_FAILED, f"unknown backend {backend!r}; choose one of "
+                        f"{', '.join(BACKEND_ENGINES)}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,12 +82,6 @@ def cuda_usable() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return setup_hooks("onnx").cuda_usable()
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKEND_ENGINES:
-        raise LofiError(MODEL_LOAD_FAILED, f"unknown backend {backend!r}; choose one of "
-                        f"{', '.join(BACKEND_ENGINES)}")
 
 
 def default_engine(device: str = "auto", checkpoint=None, backend: str = DEFAULT_BACKEND) -> str:

@@ -398,11 +398,11 @@ def family(manifest: dict) -> str:
     return "musicgen" if is_musicgen_manifest(manifest) else "ace-step"
 
 
-def run(golden_dir: str | Path, engine, out=sys.stdout, only: list[str] | None = None,
+def run(golden_dir: str | Path, engine, out=None, only: list[str] | None = None,
         factory=None) -> Report:
     golden_dir = Path(golden_dir)
     manifest = json.loads((golden_dir / "manifest.json").read_text())
-    rep = Report(engine.precision, out)
+    rep = Report(engine.precision, out or sys.stdout)  # the stream of the moment, not of import
     ctx = Context(golden_dir, engine, factory)
     checkers = CHECKERS
     if family(manifest) == "musicgen":

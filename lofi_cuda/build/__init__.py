@@ -7,7 +7,8 @@ One module per network (umt5, dit + lyric_encoder, dcae, vocoder) writes its gra
 checkpoint's safetensors into `<graph>.onnx.data` one tensor at a time (BF16 -> the graph's
 dtype as it is written), so memory stays bounded by the largest tensor, not the model. Same
 graph names, inputs and outputs as lofi_cuda/graphs.py GRAPHS (the engine feeds them).
-convert/torch_port is the oracle the tests check these graphs against.
+convert/torch_port is the oracle the tests check these graphs against. MusicGen's graphs are
+made by the `musicgen` subpackage (`python -m lofi_cuda.build.musicgen`), in the same way.
 
 `build_all` writes into a temporary folder beside `out_dir` and swaps it in at the end, with
 `manifest.json` (opset, precision, versions, model sizes, the checkpoint files' size, mtime and

@@ -87,6 +87,20 @@ class Graph:
         self.nodes.append(helper.make_node("Identity", [v.name], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, v.dtype, dims))
 
+    def output_as(self, v: Value, name: str, dims: list) -> None:
+        """Like `output`, without the Identity copy: the node producing `v` writes `name`
+        (large outputs such as a KV cache would otherwise be copied once more per run)."""
+        old = v.name
+        if not any(old in n.output for n in self.nodes):
+            raise ValueError(f"{self.name}: {old} is not a node output")
+        for n in self.nodes:
+            for field in (n.input, n.output):
+                for i, x in enumerate(field):
+                    if x == old:
+                        field[i] = name
+        v.name = name
+        self.outputs.append(helper.make_tensor_value_info(name, v.dtype, dims))
+
     # -- nodes -----------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs, dtype: int | None = None, outputs: int = 1, **attrs):
         names = [("" if x is None else x.name) for x in inputs]
@@ -208,18 +222,31 @@ class Graph:
         return y if b is None else y + b
 
     # -- save ------------------------------------------------------------------------------------
+    def _write(self, name: str, doc: str) -> Path:
+        if not self._data.closed:
+            self._data.flush()
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="lofi_cuda.build", doc_string=doc)
+        model.ir_version = 8  # readable by every ONNX Runtime the extras allow (>= 1.18)
+        path = self.folder / f"{name}.onnx"
+        onnx.save_model(model, str(path))
+        onnx.checker.check_model(str(path))
+        return path
+
+    def save_variant(self, name: str, doc: str = "") -> dict:
+        """Write the graph built so far as `<name>.onnx` over the same data file, then start
+        another graph: the weights written so far serve both (one copy on disk)."""
+        path = self._write(name, doc)
+        self.nodes, self.inputs, self.outputs = [], [], []
+        return {"file": path.name, "external_data": self.data_name, "weight_bytes": self.weight_bytes}
+
     def save(self, doc: str = "") -> dict:
         """Write `<name>.onnx` beside its data file; returns the manifest entry."""
         self._data.flush()
         os.fsync(self._data.fileno())
         self._data.close()
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="lofi_cuda.build", doc_string=doc)
-        model.ir_version = 8  # readable by every ONNX Runtime the extras allow (>= 1.18)
-        path = self.folder / f"{self.name}.onnx"
-        onnx.save_model(model, str(path))
-        onnx.checker.check_model(str(path))
+        path = self._write(self.name, doc)
         spec = {"file": path.name, "external_data": self.data_name, "weight_bytes": self.weight_bytes}
         if self.weight_map:
             spec["weights"] = dict(self.weight_map)

@@ -1,0 +1,1 @@
+"""MusicGen on ONNX Runtime: graphs built from the checkpoint by lofi_cuda.build.musicgen."""
