@@ -38,7 +38,7 @@ def test_backends_as_lofi_nvim_shows_them(results):
     assert text.splitlines() == [
         "Available backends (default: ace_step):",
         "  ✓ ace-step (ace_step) - 5-240s @ 48000Hz",
-        "  ✗ musicgen (musicgen) - 5-30s @ 32000Hz",
+        "  ✗ musicgen (musicgen) - 5-120s @ 48000Hz",  # ours: windows to 120 s, 48 kHz out
     ]
 
 
