@@ -70,17 +70,18 @@ def _up_tiled(dec, h, tile, halo):
 
 
 @pytest.mark.parametrize("T", [37, 64, 101])
-def test_dcae_upper_half_in_tiles_is_bit_identical(decoder, T):
+def test_dcae_upper_half_in_tiles_is_exact(decoder, T):
     """Odd and even lengths, several tiles and a short last one: the convolution-only half gives
-    exactly the whole-length values; one frame less of halo does not."""
+    the whole-length values to float rounding (bit for bit with some BLAS kernels; others block a
+    GEMM by its length, which reorders sums). The halo is tight: see the next test."""
     rng = np.random.default_rng(T)
     z = mx.array(rng.standard_normal((1, 16, T, 8)).astype(np.float32))
     h = decoder.low(z)
     whole = np.array(decoder.up(h))
     halo = tiling.dcae_up_halo(decoder.config)
+    scale = np.abs(whole).max()
     for tile in (8, 13, 30):
-        np.testing.assert_array_equal(_up_tiled(decoder, h, tile, halo), whole)
-    assert not np.array_equal(_up_tiled(decoder, h, 8, halo - 1), whole)
+        assert np.abs(_up_tiled(decoder, h, tile, halo) - whole).max() <= 1e-6 * scale, tile
 
 
 def test_dcae_halo_bounds_the_influence(decoder):
@@ -107,8 +108,8 @@ def test_dcae_tiled_decoder_equals_whole(decoder, T, tile, low_tile):
     tiled = np.array(decoder.tiled(z, tile, low_tile))
     assert tiled.shape == whole.shape
     assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
-    if low_tile >= T:
-        np.testing.assert_array_equal(tiled, whole)
+    if low_tile >= T:  # the attention half untiled: only the convolutions' rounding remains
+        assert np.abs(tiled - whole).max() <= 1e-6 * np.abs(whole).max()
 
 
 def test_dcae_golden_in_small_tiles():
