@@ -36,12 +36,24 @@ def radio_tracks(d, n, timeout=60):
     return d.events("radio_track")
 
 
-def stop_and_capture(d, cap, linger=0.0):
+def stop_and_capture(d, cap, linger=0.0, until=None):
     time.sleep(linger)  # let the last track sound for a while
+    if until is not None:  # the capture trails the player's clock by its write buffer
+        wait_captured(cap, until)
     d.call("radio_stop")
     d.wait_for(lambda m: m.get("method") == "radio_state" and m["params"]["state"] == "stopped",
                10, "radio stopped")
     return np.fromfile(cap, dtype=np.float32).reshape(-1, 2).astype(np.float64)
+
+
+def wait_captured(cap, frames, timeout=30.0):
+    """Until the player has written `frames` stereo frames to the capture (it runs in real time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cap.exists() and cap.stat().st_size >= frames * 8:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the player captured fewer than {frames} frames in {timeout:.0f} s")
 
 
 def load(path):
@@ -71,7 +83,7 @@ def test_three_tracks_equal_power_crossfades_and_prefetch_at_half(tmp_path):
                                      "infer_steps": 4, "volume": 100})
         assert res["started"] and res["crossfade_sec"] == 1.0 and res["player"] == "miniaudio (Null)"
         tracks = radio_tracks(d, 3)
-        out = stop_and_capture(d, cap, linger=2.0)
+        out = stop_and_capture(d, cap, linger=2.0, until=tracks[2]["start_frame"] + 2 * SR)
         times = {p["index"]: t for t, p in d.events("radio_track", with_times=True)}
         starts = {p["track_id"]: t for t, p in d.events("generation_start", with_times=True)}
     a, b, c = (load(t["path"]) for t in tracks[:3])
@@ -116,7 +128,7 @@ def test_continue_is_one_piece_each_track_extending_the_last(tmp_path):
         assert res["strategy"] == "continue" and res["crossfade_sec"] == 0.25
         assert res["context_sec"] == 2.0
         tracks = radio_tracks(d, 3)
-        out = stop_and_capture(d, cap, linger=1.0)
+        out = stop_and_capture(d, cap, linger=1.0, until=tracks[2]["start_frame"] + SR)
         jobs = [p for p in d.events("generation_start")]
         left = list((d.home / "radio").iterdir())
     assert left == [], f"context files left behind: {left}"
@@ -143,7 +155,7 @@ def test_slow_generation_waits_looping_then_crossfades_in(tmp_path):
         d.call("radio_start", {"prompt": "lofi radio", "duration_sec": 5, "crossfade_sec": 1,
                                "infer_steps": 6, "volume": 100})
         tracks = radio_tracks(d, 2, timeout=60)
-        out = stop_and_capture(d, cap, linger=1.5)
+        out = stop_and_capture(d, cap, linger=1.5, until=tracks[1]["start_frame"] + SR)
         states = [p["state"] for p in d.events("radio_state")]
         times = {p["index"]: t for t, p in d.events("radio_track", with_times=True)}
         starts = {p["track_id"]: t for t, p in d.events("generation_start", with_times=True)}
@@ -293,7 +305,7 @@ def test_continue_on_the_tiny_model_extends_the_playing_tracks_tail(tmp_path):
         d.call("radio_start", {"prompt": "lofi radio", "strategy": "continue", "duration_sec": 5,
                                "context_sec": 2, "infer_steps": 3, "seed": 11})
         tracks = radio_tracks(d, 2, timeout=180)
-        out = stop_and_capture(d, cap)
+        out = stop_and_capture(d, cap, until=tracks[1]["start_frame"] + SR)  # continuation sounded
         st = d.call("radio_status")
     a, b = load(tracks[0]["path"]), load(tracks[1]["path"])
     assert len(a) == 5 * SR and len(b) == 7 * SR and np.all(np.isfinite(b))

@@ -154,7 +154,9 @@ function M.on_event(name, d)
       index = d.index,
       prompt = d.prompt,
       path = d.path,
+      state = "playing", -- sent as the track starts to sound, just before radio_state
     })
+    S.radio.reason = nil
   elseif name == "radio_state" then
     if d.state == "stopped" then
       S.radio = nil

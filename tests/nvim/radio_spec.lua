@@ -46,7 +46,10 @@ H.test("radio_command_starts", function()
   H.eq(t.prompt, "rainy night radio", "prompt")
   H.eq(t.crossfade_sec, 1, "crossfade from the radio option")
   H.eq(vim.fn.filereadable(t.path), 1, "track file")
-  H.matches(lofi.statusline(), "radio ▶ rainy night radio", "statusline")
+  -- radio_track comes when the file is written; the player's "playing" state follows it
+  H.wait(10000, function()
+    return lofi.statusline():find("radio ▶ rainy night radio") ~= nil
+  end, "statusline to show the playing track (it shows " .. lofi.statusline() .. ")")
   local st = status()
   H.eq(st.state, "playing", "daemon state")
   H.eq(st.current.track_id, t.track_id, "current track")
