@@ -1,7 +1,8 @@
-"""MusicGen on this CPU: lofi's MLX engine against Hugging Face transformers (eager), same
-synthetic musicgen-small-sized checkpoint, same thread count, same machine, one run each.
+"""MusicGen on this CPU: lofi's ONNX Runtime and MLX engines against Hugging Face transformers
+(eager), same synthetic musicgen-small-sized checkpoint, same thread count, same machine, one run.
 
     python benchmarks/musicgen_cpu.py [--seconds 10] [--threads 2] [--checkpoint DIR] [--json OUT]
+                                      [--sides onnx transformers mlx] [--transformers-path DIR]
 
 The checkpoint: transformers' own MusicgenForConditionalGeneration at the musicgen-small sizes
 (decoder 1024 wide, 24 layers, 16 heads, 4 codebooks; T5 at t5-base widths but the tiny fixture
@@ -10,7 +11,9 @@ random weights, saved with save_pretrained (fp32) plus the fixture's tokenizer f
 load that folder through their normal paths and generate `--seconds` of audio from one prompt
 with guidance 3 and top-k 250 sampling (transformers: generate(do_sample=True, top_k=250,
 guidance_scale=3, max_new_tokens=frames+3); lofi: its pipeline, which also resamples to 48 kHz
-and writes the file). Each side runs in its own process. Needs the `reference` extra.
+and writes the file; the ONNX graph build is timed apart). Each side runs in its own process, in
+the order given; the JSON is rewritten after each. Needs the `reference` extra (or
+--transformers-path, a folder put first on the transformers side's PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -69,7 +73,9 @@ def run_transformers(folder: Path, seconds: float, threads: int) -> dict:
     from tokenizers import Tokenizer
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = MusicgenForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    # plain eager modules: no Hub kernels (some transformers versions default them on)
+    model = MusicgenForConditionalGeneration.from_pretrained(folder, attn_implementation="eager",
+                                                             use_kernels=False).eval()
     load = time.perf_counter() - t0
     ids = torch.tensor([Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PROMPT).ids])
     frames = math.ceil(seconds * 50)
@@ -91,35 +97,49 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", type=Path,
                     default=Path.home() / ".cache" / "lofi.nvim" / "synthetic" / "musicgen-small")
-    ap.add_argument("--side", choices=("both", "transformers", "lofi"), default="both")
+    ap.add_argument("--sides", nargs="+", default=["onnx", "transformers", "mlx"],
+                    choices=("onnx", "transformers", "mlx"))
+    ap.add_argument("--transformers-path", default=None)
+    ap.add_argument("--also-transformers-threads", type=int, default=None,
+                    help="then transformers again at this thread count (`transformers_<n>t`)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     folder = build(args.checkpoint)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
-    out = {"seconds": args.seconds, "threads": args.threads, "checkpoint": str(folder)}
-    if args.side in ("both", "lofi"):
-        r = subprocess.run([sys.executable, "-m", "lofi_mlx.bench", "--backend", "musicgen",
-                            "--checkpoint", str(folder), "--duration", str(args.seconds),
-                            "--threads", str(args.threads), "--device", "cpu", "--warmup", "0",
-                            "--runs", "1", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+    out = {"seconds": args.seconds, "threads": args.threads, "checkpoint": str(folder),
+           "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+           "command": " ".join(["python", *sys.argv])}
+    sides = [(s, args.threads) for s in args.sides]
+    if args.also_transformers_threads:
+        sides.append((f"transformers_{args.also_transformers_threads}t", args.also_transformers_threads))
+    for side, threads in sides:
+        if side.startswith("transformers"):
+            tf_env = dict(env, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(
+                p for p in (args.transformers_path, str(ROOT)) if p))
+            cmd = [sys.executable, __file__, "--side-worker", str(folder), str(args.seconds),
+                   str(threads)]
+        else:
+            tf_env = env
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "musicgen_engines_cpu.py"), "--worker",
+                   str(folder), side, str(args.seconds), str(args.threads)]
+        load0 = os.getloadavg()[0]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=tf_env, cwd=ROOT)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1
-        out["lofi"] = json.loads(r.stdout)
-    if args.side in ("both", "transformers"):
-        r = subprocess.run([sys.executable, __file__, "--side-worker", str(folder), str(args.seconds),
-                            str(args.threads)], capture_output=True, text=True, env=env, cwd=ROOT)
-        if r.returncode:
-            print(r.stderr, file=sys.stderr)
-            return 1
-        out["transformers"] = json.loads(r.stdout.strip().splitlines()[-1])
+        out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+        out[side]["loadavg_before_after"] = [load0, os.getloadavg()[0]]
+        print(f"{side}: {out[side]['total_sec']:.1f} s", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=float))
     print(json.dumps(out, indent=1, default=float))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1, default=float))
-    if "lofi" in out and "transformers" in out:
-        a, b = out["lofi"]["total_sec"], out["transformers"]["total_sec"]
-        print(f"lofi MLX {a:.1f} s vs transformers {b:.1f} s for {args.seconds:g} s: {b / a:.2f}x",
-              file=sys.stderr)
+    if "transformers" in out:
+        b = out["transformers"]["total_sec"]
+        for side in ("onnx", "mlx", f"transformers_{args.also_transformers_threads}t"):
+            if side in out:
+                a = out[side]["total_sec"]
+                print(f"lofi {side} {a:.1f} s vs transformers {b:.1f} s for {args.seconds:g} s: "
+                      f"{b / a:.2f}x", file=sys.stderr)
     return 0
 
 

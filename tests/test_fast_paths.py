@@ -618,3 +618,17 @@ def test_cached_context_kv_follows_a_lora_merge():
     plain = np.asarray(model.decode(mx.array(x), mx.array(t), mx.array(ctx), mx.array(mask),
                                     erg=mx.array(erg)))
     assert np.array_equal(a, plain)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 300, 70), (2, 4099, 1024), (3, 5, 3), (4, 2048, 96), (5, 37, 64)])
+def test_few_row_matmul(m, n, k):
+    """x @ W.T with at most mlxrt.SMALL_M rows takes the shim's own loop (on OpenBLAS builds):
+    plain, with a bias (beta = 1), on odd sizes (a partial block of four W rows), and past it."""
+    rng = np.random.default_rng(m * 1000 + n)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    c = rng.standard_normal((m, n)).astype(np.float32)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert rel_err(mx.array(a) @ mx.array(w).T, ref) < 64 * EPS32  # measured 2.8e-7 at k=1024
+    assert rel_err(mx.addmm(mx.array(c), mx.array(a), mx.array(w).T), ref + c) < 64 * EPS32
+    assert rel_err(mx.array(a)[None] @ mx.array(w).T, ref[None]) < 64 * EPS32

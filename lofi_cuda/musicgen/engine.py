@@ -160,6 +160,13 @@ class MusicgenONNXEngine(ONNXEngine):
                 self._graph_dir = folder
             return self._graph_dir
 
+    def _options(self):
+        so = super()._options()
+        # A step is ~500 small ops: spinning intra-op threads, on a CPU shared with other work,
+        # wait for a descheduled peer at each op (2 threads: 2x slower than 1 without this).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return so
+
     def release(self, stage: str | None = None) -> None:
         with self._lock:
             for s in (list(self._stages) if stage is None else [stage]):
