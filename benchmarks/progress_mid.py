@@ -37,11 +37,17 @@ def run_job(d: Daemon, seed: int, duration: float, steps: int) -> dict:
         raise SystemExit(f"job failed: {done}")
     errs = truth_errors(d, r["track_id"])
     pts, eta = [e[0] for e in errs], [e[1] for e in errs]
+    start = [t for t, _ in d.events("generation_start", r["track_id"], with_times=True)][0]
+    trail = [[round(t - start, 2), p["stage"], p.get("step"), p["percent"], p["eta_sec"]]
+             for t, p in d.events("generation_progress", r["track_id"], with_times=True)]
     return {"notifications": len(errs), "percent_err_max": round(max(pts), 1),
             "percent_err_median": round(statistics.median(pts), 1),
             "eta_err_max_pct": round(100 * max(eta), 1),
             "eta_err_median_pct": round(100 * statistics.median(eta), 1),
-            "job_sec": round(done.get("generation_time_sec", 0.0), 1)}
+            "job_sec": round(done.get("generation_time_sec", 0.0), 1),
+            "until_complete_sec": round([t for t, _ in d.events("generation_complete", r["track_id"],
+                                                                with_times=True)][0] - start, 2),
+            "trail": trail}  # [seconds since start, stage, step, percent, eta_sec]
 
 
 def main() -> int:

@@ -209,6 +209,10 @@ class Progress:
         from lofi.progress import model_key
         self.clock.key = model_key(backend, engine.name, engine.device, engine.precision,
                                    model_id(self.ckpt, backend))
+        if backend == "ace-step":
+            from lofi.acestep.costs import decode_costs
+            from lofi.progress import COST_MODEL
+            self.clock.cost_model = decode_costs(self.ckpt, COST_MODEL)
 
     def finish(self, ok: bool) -> None:
         if self.mode == "bar":

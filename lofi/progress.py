@@ -1,8 +1,9 @@
 """Progress by the clock, shared by the daemon and `lofi generate`.
 
 A job is a chain of segments: `text` (text encoding), `first_step` (loading the DiT, the
-conditions and the first diffusion step), the remaining diffusion `step`s, `dcae`, `vocoder` and
-`writing`. `percent` = elapsed / (elapsed + estimated remaining), so it follows the wall clock,
+conditions and the first diffusion step), the remaining diffusion steps (`step`: one DiT row,
+`guided`: the conditional and unconditional rows together, inside the guidance window), `dcae`,
+`vocoder` and `writing`. `percent` = elapsed / (elapsed + estimated remaining), so it follows the wall clock,
 not fixed stage weights (the decoders are a third of the job on a CPU).
 
 Estimates come from, in order: the running job's own step time; the segment times of earlier
@@ -25,12 +26,14 @@ from pathlib import Path
 
 log = logging.getLogger("lofi.progress")
 
-SEGMENTS = ("text", "first_step", "step", "dcae", "vocoder", "writing")
-SIZE_BOUND = ("step", "dcae", "vocoder", "writing")  # grow with the audio length
-# Stage cost model for a first-ever job: each decoder's time relative to one diffusion step of
-# the same job (measured, MLX on CPU: tiny checkpoint, 60 s: DCAE 4.6 steps, vocoder 12; full
-# size, 30 s: 2.5 and 7.2), and writing (resample + 16-bit file) per audio second.
+SEGMENTS = ("text", "first_step", "step", "guided", "dcae", "vocoder", "writing")
+SIZE_BOUND = ("step", "guided", "dcae", "vocoder", "writing")  # grow with the audio length
+# Stage cost model for a first-ever job: each decoder's time in unguided DiT steps of the same
+# job (MLX on CPU: tiny checkpoint, 60 s: DCAE ~5, vocoder ~12; full size, 30 s: ~4 and ~11).
+# A pipeline that knows its networks' sizes gives its own (lofi.acestep.costs); writing
+# (resample + 16-bit file) goes per audio second.
 COST_MODEL = {"dcae": 4.0, "vocoder": 10.0}
+GUIDED_COST = 1.8  # a guided step against an unguided one until both were measured (CPU: 1.7-2)
 WRITE_PER_AUDIO_SEC = 0.006
 WINDOW = 8  # observations kept per segment and key
 FILE_NAME = "estimates.json"
@@ -40,8 +43,29 @@ OVERRUN_SHARE = 0.15  # how far this job's speed may rescale earlier jobs' times
 STAGE_ALIASES = {"sampling": "diffusion", "decoding": "dcae_decode"}
 
 
-def nfe_per_step(params) -> float:
-    return 2.0 if getattr(params, "scheduler", "euler") == "heun" else 1.0
+def loop_length(params) -> int:
+    """Sampler loop steps a job reports (one DiT evaluation each): heun's 2N-1, audio2audio's
+    share of N (lofi.acestep.sampler.loop.sample)."""
+    n = int(getattr(params, "infer_steps", 0) or 0)
+    if getattr(params, "task", None) == "audio2audio":
+        n = max(1, int((1.0 - float(getattr(params, "strength", 0.0))) * n))
+    return 2 * n - 1 if getattr(params, "scheduler", "euler") == "heun" else n
+
+
+def guided_steps(params, total: int) -> list[bool]:
+    """Which of `total` loop steps evaluate the guided rows (ACE-Step's guidance window, computed
+    from N and indexed by the loop step, as lofi.acestep.sampler.loop.Evaluator does). Backends
+    without a guidance window (MusicGen: every step the same) get all False."""
+    interval = getattr(params, "guidance_interval", None)
+    if interval is None or total <= 0:
+        return [False] * max(0, total)
+    if getattr(params, "task", None) == "edit":
+        return [True] * total
+    if getattr(params, "guidance_scale", 0.0) in (0.0, 1.0):
+        return [False] * total
+    n = (total + 1) // 2 if getattr(params, "scheduler", "euler") == "heun" else total
+    start, end = int(n * ((1 - interval) / 2)), int(n * (interval / 2 + 0.5))
+    return [start <= i < end for i in range(total)]
 
 
 def _num(v) -> bool:
@@ -156,12 +180,13 @@ class Estimator:
     def total(self, params, key: str | None = None) -> float | None:
         """The whole job's expected seconds, None before anything was measured."""
         r = self.rates(key or self.last_key)
-        d, n = params.duration_sec, params.infer_steps
+        d, n = params.duration_sec, loop_length(params)
         parts = [r.predict(s, d) for s in ("text", "first_step", "dcae", "vocoder", "writing")]
-        step = r.predict("step", d)
+        step, guided = r.predict("step", d), r.predict("guided", d)
         if step is None or any(p is None for p in parts):
             return None
-        return sum(parts) + step * nfe_per_step(params) * max(0, n - 1)
+        guided = step * GUIDED_COST if guided is None else guided
+        return sum(parts) + sum(guided if g else step for g in guided_steps(params, n)[1:])
 
 
 def _left(expected: float, spent: float) -> float:
@@ -178,22 +203,25 @@ def model_key(backend: str, engine: str, device: str, precision: str, model: str
 class JobClock:
     """One job's progress: fed the pipeline's (stage, step, total) calls, answers (percent,
     eta_sec) at any moment. percent never decreases and stays at most 99 (the caller reports
-    100 once the file exists)."""
+    100 once the file exists). `cost_model` (decoder seconds per unguided step) may be replaced
+    by the pipeline's own once it is known."""
 
     def __init__(self, estimator: Estimator, params, clock=time.monotonic, start: float | None = None):
         self.est, self.params, self.clock = estimator, params, clock
         self.key: str | None = None
+        self.cost_model = dict(COST_MODEL)
         self.t0 = clock() if start is None else start
         self.stage: str | None = None
         self.stage_t0 = self.t0
         self.step = 0
-        self.total_steps = params.infer_steps
+        self.total_steps = loop_length(params)
         self.diffusion_t0: float | None = None
         self.step_marks: list[tuple[float, int]] = []  # (time, steps done)
         self.seg: dict[str, float] = {}
         self.percent = 0
         self.fraction = 0.0
         self.single_decoder = False
+        self._guided: list[bool] = []
 
     # -- input ----------------------------------------------------------------------------------
     def update(self, stage: str, step: int | None, total: int | None, fraction: float = 0.0,
@@ -221,58 +249,93 @@ class JobClock:
         if self.stage in names:
             self.seg[names[self.stage]] = now - self.stage_t0
 
+    def guided(self, step: int) -> bool:
+        """Whether loop step `step` (1-based, as reported) runs the guided rows."""
+        if len(self._guided) != self.total_steps:
+            self._guided = guided_steps(self.params, self.total_steps)
+        return 0 < step <= len(self._guided) and self._guided[step - 1]
+
     def segments(self, end: float) -> dict[str, float]:
         """Every segment measured by a finished job (to learn from)."""
         self._close(end)
         out = dict(self.seg)
         if self.step_marks and self.diffusion_t0 is not None:
             out["first_step"] = self.step_marks[0][0] - self.diffusion_t0
-        step = self.live_step()
-        if step is not None:
-            out["step"] = step / nfe_per_step(self.params)
+        live = self.live_steps()
+        for seg, v in zip(("step", "guided"), live):
+            if v is not None:
+                out[seg] = v
         return out
 
     def total_for(self, params) -> float | None:
         """Another job's expected seconds from this job's own measurements (before any job has
-        finished, for queue waits): its step time scaled to the other length, the cost model
+        finished, for queue waits): its step times scaled to the other length, the cost model
         for the decoders."""
-        live = self.live_step()
-        if live is None:
+        plain, guided = self._unit_times(*self.live_steps(), None, None)
+        if plain is None:
             return None
         scale = params.duration_sec / self.params.duration_sec
-        step = live / nfe_per_step(self.params) * nfe_per_step(params) * scale
-        first = self.step_marks[0][0] - self.diffusion_t0 if self.diffusion_t0 is not None else step
-        return (self.seg.get("text", 0.0) + first + step * max(0, params.infer_steps - 1)
-                + sum(COST_MODEL.values()) * step + WRITE_PER_AUDIO_SEC * params.duration_sec)
+        plain, guided = plain * scale, guided * scale
+        first = self.step_marks[0][0] - self.diffusion_t0 if self.diffusion_t0 is not None else plain
+        steps = sum(guided if g else plain for g in guided_steps(params, loop_length(params))[1:])
+        return (self.seg.get("text", 0.0) + first + steps
+                + sum(self.cost_model.values()) * plain + WRITE_PER_AUDIO_SEC * params.duration_sec)
 
     # -- output ---------------------------------------------------------------------------------
-    def live_step(self) -> float | None:
-        """Seconds per step of this job, from the second step on (the first includes loading)."""
-        if len(self.step_marks) < 2:
-            return None
-        (t1, s1), (t2, s2) = self.step_marks[0], self.step_marks[-1]
-        return (t2 - t1) / (s2 - s1)
+    def live_steps(self) -> tuple[float | None, float | None]:
+        """Seconds per unguided and per guided step of this job, from the second step on (the
+        first includes loading): medians of the single-step intervals of each kind, from two on."""
+        kinds: dict[bool, list[float]] = {False: [], True: []}
+        for (t1, s1), (t2, s2) in zip(self.step_marks, self.step_marks[1:]):
+            if s2 - s1 == 1:
+                kinds[self.guided(s2)].append(t2 - t1)
+            else:  # steps reported together: their mean, counted where the kinds agree
+                ks = {self.guided(s) for s in range(s1 + 1, s2 + 1)}
+                if len(ks) == 1:
+                    kinds[ks.pop()].append((t2 - t1) / (s2 - s1))
+        # one interval of a kind is not enough: the first step of a new batch shape runs slow
+        return tuple(statistics.median(v) if len(v) >= 2 else None for v in (kinds[False], kinds[True]))
+
+    def _unit_times(self, live_plain, live_guided, hist_plain, hist_guided, factor=1.0):
+        """(unguided, guided) seconds per step: this job's where measured, else earlier jobs'
+        scaled by this job's speed, else the other kind times the guided/unguided ratio known
+        from earlier jobs, this job or GUIDED_COST."""
+        if hist_plain and hist_guided:
+            ratio = hist_guided / hist_plain
+        elif live_plain and live_guided:
+            ratio = live_guided / live_plain
+        else:
+            ratio = GUIDED_COST
+        plain = live_plain or (hist_plain * factor if hist_plain else None)
+        guided = live_guided or (hist_guided * factor if hist_guided else None)
+        if plain is None and guided is not None:
+            plain = guided / ratio
+        if guided is None and plain is not None:
+            guided = plain * ratio
+        return plain, guided
 
     def remaining(self, now: float) -> float | None:
         p = self.params
         d, n = p.duration_sec, self.total_steps
         r = self.est.rates(self.key)
-        hist = r.predict("step", d)
-        hist = None if hist is None else hist * nfe_per_step(p)
-        live = self.live_step()
-        step = live or hist
-        if step is None and self.step_marks and self.diffusion_t0 is not None:
-            step = self.step_marks[0][0] - self.diffusion_t0  # one step so far: an upper bound
+        hist_plain, hist_guided = r.predict("step", d), r.predict("guided", d)
+        live_plain, live_guided = self.live_steps()
         factor = 1.0
-        if live and hist:
-            factor = min(max(live / hist, _FACTOR[0]), _FACTOR[1])
+        if live_plain and hist_plain:
+            factor = live_plain / hist_plain
+        elif live_guided and hist_guided:
+            factor = live_guided / hist_guided
+        factor = min(max(factor, _FACTOR[0]), _FACTOR[1])
+        plain, guided = self._unit_times(live_plain, live_guided, hist_plain, hist_guided, factor)
+        if plain is None and self.step_marks and self.diffusion_t0 is not None:
+            plain = guided = self.step_marks[0][0] - self.diffusion_t0  # one step so far: an upper bound
 
         def est(seg):
             v = r.predict(seg, d)
             if v is not None:
                 return v * factor
-            if seg in COST_MODEL:
-                return None if step is None else COST_MODEL[seg] * step
+            if seg in self.cost_model:
+                return None if plain is None else self.cost_model[seg] * plain
             if seg == "writing":
                 return WRITE_PER_AUDIO_SEC * d
             return None
@@ -288,14 +351,15 @@ class JobClock:
         total = 0.0
         for seg in order[order.index(cur):]:
             if seg == "steps":
-                if step is None:
+                if plain is None:
                     return None
-                left = max(0, n - max(self.step, 1))
-                if seg == cur and self.step_marks and left > 0:
+                done = max(self.step, 1)
+                times = [guided if self.guided(s) else plain for s in range(done + 1, n + 1)]
+                if seg == cur and self.step_marks and times:
                     since = now - self.step_marks[-1][0]
-                    total += _left(step, since) + (left - 1) * step
+                    total += _left(times[0], since) + sum(times[1:])
                 else:
-                    total += left * step
+                    total += sum(times)
                 continue
             e = est(seg)
             if e is None:

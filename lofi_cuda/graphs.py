@@ -118,14 +118,16 @@ def graph_dir(checkpoint: str | Path, precision: str) -> Path:
     return home / "onnx" / key / precision
 
 
-def locate(checkpoint: str | Path, precision: str) -> tuple[Path | None, list[str]]:
-    """(folder with fresh graphs or None, reasons the candidates were rejected)."""
+def locate(checkpoint: str | Path, precision: str, stale=None) -> tuple[Path | None, list[str]]:
+    """(folder with fresh graphs or None, reasons the candidates were rejected). `stale` is the
+    family's freshness check (default: ACE-Step's stale_reason)."""
+    stale = stale or stale_reason
     reasons = []
     candidates = [Path(checkpoint) / "onnx" / precision]
     if graph_dir(checkpoint, precision) != candidates[0]:
         candidates.append(graph_dir(checkpoint, precision))
     for folder in candidates:
-        why = stale_reason(folder, checkpoint, precision) if folder.is_dir() else f"{folder} does not exist"
+        why = stale(folder, checkpoint, precision) if folder.is_dir() else f"{folder} does not exist"
         if why is None:
             return folder, reasons
         reasons.append(why)

@@ -49,7 +49,7 @@ def test_progress_matches_the_clock(tmp_path):
     saved = json.loads((home / "estimates.json").read_text())
     (key, rates), = saved["rates"].items()
     assert key.startswith("ace-step/mlx/cpu/fp32/ace-step-v1-3.5b-")
-    assert set(rates) == {"text", "first_step", "step", "dcae", "vocoder", "writing"}
+    assert set(rates) == {"text", "first_step", "step", "guided", "dcae", "vocoder", "writing"}
     # 7.9 steps, as measured (sleeps overrun on a loaded machine: the fake's 32 short sleeps more)
     assert 7 < rates["vocoder"][-1][1] / rates["step"][-1][1] < 10
     with Daemon(home, fake_step_sec=0.2, env=FAKE) as d:  # restarted: estimates like a warm one

@@ -61,6 +61,11 @@ class Pipeline:
     def release(self) -> None:
         self.engine.release()
 
+    def progress_costs(self, base: dict[str, float]) -> dict[str, float]:
+        """The decoders' time in unguided DiT steps for this checkpoint (lofi.progress)."""
+        from lofi.acestep.costs import decode_costs
+        return decode_costs(self.checkpoint, base)
+
     def loaded(self) -> list[str]:
         return self.engine.loaded()
 

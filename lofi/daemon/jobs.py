@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from lofi.errors import (MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, QUEUE_FULL, Cancelled, LofiError)
 from lofi.params import GenerateParams
-from lofi.progress import Estimator, JobClock, model_key
+from lofi.progress import COST_MODEL, Estimator, JobClock, model_key
 from lofi.daemon import backends
 from lofi.daemon.cache import CACHE_WRITE_FAILED
 
@@ -345,6 +345,8 @@ class Worker(threading.Thread):
             tracker.clock_of_job.key = model_key(job.backend, getattr(eng, "name", job.engine),
                                                  getattr(eng, "device", None), getattr(eng, "precision",
                                                  job.precision), self.model)
+            if hasattr(pipeline, "progress_costs"):
+                tracker.clock_of_job.cost_model = pipeline.progress_costs(COST_MODEL)
             info = pipeline.generate(replace(job.params), staged, fmt=d.settings.format,
                                      progress=progress, cancel=job.cancel_requested.is_set)
             end = time.monotonic()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lofi.checkpoint import weight_files
 
-from lofi_cuda.graphs import MANIFEST, graph_dir, read_manifest, sha256
+from lofi_cuda import graphs as _graphs
+from lofi_cuda.graphs import MANIFEST, read_manifest, sha256
 
 FAMILY = "musicgen"
 FORMAT = 2  # 2: a CPU step graph over a cache buffer + the concatenating one for CUDA
@@ -66,13 +67,4 @@ def stale_reason(folder: Path, checkpoint: str | Path, precision: str) -> str | 
 
 
 def locate(checkpoint: str | Path, precision: str) -> tuple[Path | None, list[str]]:
-    reasons = []
-    candidates = [Path(checkpoint) / "onnx" / precision]
-    if graph_dir(checkpoint, precision) != candidates[0]:
-        candidates.append(graph_dir(checkpoint, precision))
-    for folder in candidates:
-        why = stale_reason(folder, checkpoint, precision) if folder.is_dir() else f"{folder} does not exist"
-        if why is None:
-            return folder, reasons
-        reasons.append(why)
-    return None, reasons
+    return _graphs.locate(checkpoint, precision, stale=stale_reason)
