@@ -284,7 +284,7 @@ class JobClock:
     # -- output ---------------------------------------------------------------------------------
     def live_steps(self) -> tuple[float | None, float | None]:
         """Seconds per unguided and per guided step of this job, from the second step on (the
-        first includes loading): medians of the single-step intervals of each kind, from two on."""
+        first includes loading): medians of the single-step intervals of each kind."""
         kinds: dict[bool, list[float]] = {False: [], True: []}
         for (t1, s1), (t2, s2) in zip(self.step_marks, self.step_marks[1:]):
             if s2 - s1 == 1:
@@ -293,8 +293,11 @@ class JobClock:
                 ks = {self.guided(s) for s in range(s1 + 1, s2 + 1)}
                 if len(ks) == 1:
                     kinds[ks.pop()].append((t2 - t1) / (s2 - s1))
-        # one interval of a kind is not enough: the first step of a new batch shape runs slow
-        return tuple(statistics.median(v) if len(v) >= 2 else None for v in (kinds[False], kinds[True]))
+        # one interval of a kind is not enough where the other kind has more (the first step of a
+        # new batch shape runs slow), but better than nothing
+        least = 2 if any(len(v) >= 2 for v in kinds.values()) else 1
+        return tuple(statistics.median(v) if len(v) >= least else None
+                     for v in (kinds[False], kinds[True]))
 
     def _unit_times(self, live_plain, live_guided, hist_plain, hist_guided, factor=1.0):
         """(unguided, guided) seconds per step: this job's where measured, else earlier jobs'
