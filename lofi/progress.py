@@ -180,13 +180,18 @@ class Estimator:
     def total(self, params, key: str | None = None) -> float | None:
         """The whole job's expected seconds, None before anything was measured."""
         r = self.rates(key or self.last_key)
-        d, n = params.duration_sec, loop_length(params)
+        d = params.duration_sec
         parts = [r.predict(s, d) for s in ("text", "first_step", "dcae", "vocoder", "writing")]
         step, guided = r.predict("step", d), r.predict("guided", d)
         if step is None or any(p is None for p in parts):
             return None
         guided = step * GUIDED_COST if guided is None else guided
-        return sum(parts) + sum(guided if g else step for g in guided_steps(params, n)[1:])
+        return sum(parts) + _loop_time(params, step, guided)
+
+
+def _loop_time(params, plain: float, guided: float) -> float:
+    """A whole job's steps after the first (which is timed with the network's load)."""
+    return sum(guided if g else plain for g in guided_steps(params, loop_length(params))[1:])
 
 
 def _left(expected: float, spent: float) -> float:
@@ -277,8 +282,7 @@ class JobClock:
         scale = params.duration_sec / self.params.duration_sec
         plain, guided = plain * scale, guided * scale
         first = self.step_marks[0][0] - self.diffusion_t0 if self.diffusion_t0 is not None else plain
-        steps = sum(guided if g else plain for g in guided_steps(params, loop_length(params))[1:])
-        return (self.seg.get("text", 0.0) + first + steps
+        return (self.seg.get("text", 0.0) + first + _loop_time(params, plain, guided)
                 + sum(self.cost_model.values()) * plain + WRITE_PER_AUDIO_SEC * params.duration_sec)
 
     # -- output ---------------------------------------------------------------------------------

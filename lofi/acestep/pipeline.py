@@ -51,6 +51,7 @@ class Pipeline:
         self.tracks_dir = tracks_dir    # where a source given as a track id is found
         self.lora_root = lora_root      # where a LoRA given by name is found
         self._tokenizer = None
+        self._costs = None
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -63,8 +64,10 @@ class Pipeline:
 
     def progress_costs(self, base: dict[str, float]) -> dict[str, float]:
         """The decoders' time in unguided DiT steps for this checkpoint (lofi.progress)."""
-        from lofi.acestep.costs import decode_costs
-        return decode_costs(self.checkpoint, base)
+        if self._costs is None:  # the configs do not change under a running daemon
+            from lofi.acestep.costs import decode_costs
+            self._costs = decode_costs(self.checkpoint, base)
+        return self._costs
 
     def loaded(self) -> list[str]:
         return self.engine.loaded()
