@@ -86,6 +86,9 @@ def test_decoder_cost_model_scales_with_the_networks(tmp_path):
     tiny = Path(__file__).parent / "fixtures" / "ace_step_tiny" / "checkpoint"
     assert decode_costs(tiny, base) == base  # every network overhead-bound: the released ratios
     assert decode_costs(tmp_path / "missing", base) == base
+    (tmp_path / "bad" / COMPONENTS["transformer"]).mkdir(parents=True)
+    (tmp_path / "bad" / COMPONENTS["transformer"] / "config.json").write_text('{"num_layers": "x"')
+    assert decode_costs(tmp_path / "bad", base) == base  # damaged: the released ratios
     cfg, _ = configs("mid")
     for comp in ("transformer", "dcae", "vocoder"):
         (tmp_path / COMPONENTS[comp]).mkdir()
