@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lofi.acestep.configs import DCAEConfig, VocoderConfig
-from lofi.acestep.tiling import vocoder_halo, windows
+from lofi.acestep.tiling import dcae_decode_tables, vocoder_halo, windows
 from lofi.checkpoint import read_config
 from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi.memory import trim
@@ -48,6 +48,7 @@ STAGE_GRAPHS = {"text_encoder": ("text_encoder",), "transformer": ("dit_encode",
 # Time tiles for the decoders (latent frames for the DCAE's upper half, mel frames for the
 # vocoder); each tile runs with an exact halo (lofi.acestep.tiling), so memory stays flat.
 VOCODER_TILE = 2048
+DCAE_TILE, DCAE_LOW_TILE = 128, 256  # as the MLX engine's (lofi_mlx/acestep/dcae.py)
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -354,12 +355,13 @@ class ONNXEngine:
             parts.append(y[..., (w.s - w.a) * factor:(w.e - w.a) * factor])
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
-    def dcae_decode(self, latents) -> np.ndarray:
+    def dcae_decode(self, latents, tile: int = DCAE_TILE, low_tile: int = DCAE_LOW_TILE) -> np.ndarray:
         lat = self._f32(latents)
+        # the graph loops over these windows (lofi_cuda.build.dcae): memory stays flat with length
+        tables = dcae_decode_tables(self._config("dcae"), lat.shape[-1], tile, low_tile)
         # one item at a time like the reference: the DCAE attention is global, batch 1 bounds memory
-        # (the built graph is whole-length; tiling its convolution half is the MLX engine's so far)
-        return np.concatenate([self._run("dcae", "dcae_decode", {"latents": lat[i:i + 1]}, "DCAE")[0]
-                               for i in range(lat.shape[0])])
+        return np.concatenate([self._run("dcae", "dcae_decode", {"latents": lat[i:i + 1], **tables},
+                                         "DCAE")[0] for i in range(lat.shape[0])])
 
     def vocode(self, mel, tile: int = VOCODER_TILE) -> np.ndarray:
         mel = self._f32(mel)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lofi.checkpoint import COMPONENTS, component_dir, weight_files
 
-FORMAT = 2  # 2: dit graphs carry a weight map (LoRA)
+FORMAT = 3  # 2: dit graphs carry a weight map (LoRA); 3: the DCAE decoder runs in windows
 MANIFEST = "manifest.json"
 
 # graph name -> (ordered input names, output names). The engine and the exporter share these.
@@ -26,7 +26,7 @@ GRAPHS = {
                    ("ctx", "ctx_mask")),
     "dit_decode": (("x", "timestep", "ctx", "ctx_mask", "q_scale", "cos", "sin", "cos_ctx", "sin_ctx"),
                    ("velocity",)),
-    "dcae_decode": (("latents",), ("mel",)),
+    "dcae_decode": (("latents", "sum_windows", "attn_windows", "up_windows"), ("mel",)),
     "dcae_encode": (("mel",), ("latents",)),
     "vocoder": (("mel",), ("wave",)),
 }

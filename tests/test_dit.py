@@ -132,6 +132,15 @@ def test_decode_and_intermediates(model, g):
         assert_close(f32(trace[name]), g[f"decode.{name}"], ATOL, f"decode.{name}")
 
 
+@pytest.mark.parametrize("chunk", [5, 8, 25])
+def test_feed_forward_in_time_chunks(model, g, monkeypatch, chunk):
+    """Long inputs run the feed-forward in chunks with one frame of context for its k=3 conv:
+    the golden velocity (26 frames) with chunks of 5, 8 and 25 frames."""
+    monkeypatch.setattr(dit, "FF_CHUNK", chunk)
+    assert len(dit.windows(26, chunk, 1)) > 1
+    assert_close(f32(decode_golden_ctx(model, g)), g["decode.out.sample"], ATOL, f"decode, chunks of {chunk}")
+
+
 def test_forward(model, g):
     v = model(g["in.hidden_states"], g["in.timestep"], *encode_in(g))
     assert_close(f32(v), g["forward.out.sample"], ATOL, "forward")

@@ -149,6 +149,24 @@ def test_vocoder_in_time_tiles_equals_the_whole_run(engine):
         close(tiled, whole, 1e-5, f"vocoder tiles of {tile}")
 
 
+@pytest.mark.parametrize("tile,low_tile", [(4, 3), (5, 8), (10 ** 6, 4), (3, 10 ** 6)])
+def test_dcae_decoder_in_windows_equals_the_whole_run(engine, tile, low_tile):
+    """The graph's loops over the engine's window tables (the attention's sums, each block's
+    windows, the convolution stages' tiles with their halo) against one window, and against the
+    torch port: same mel up to the order of the attention's sums."""
+    import torch
+
+    from convert.torch_port import dcae
+    lat = np.random.default_rng(tile + low_tile).standard_normal((2, 8, 16, 23)).astype(np.float32)
+    whole = engine.dcae_decode(lat, tile=10 ** 6, low_tile=10 ** 6)
+    tiled = engine.dcae_decode(lat, tile=tile, low_tile=low_tile)
+    assert tiled.shape == whole.shape == (2, 2, 128, 23 * 8)
+    close(tiled, whole, 1e-5, f"DCAE in tiles of {tile}/{low_tile}")
+    with torch.no_grad():
+        ref = dcae.load(CHECKPOINT, "decoder")(t(lat)).numpy()
+    close(tiled, ref, 1e-4, "DCAE in windows vs the torch port")
+
+
 def test_dcae_decoder_halves_are_the_decoder():
     import torch
 

@@ -7,6 +7,7 @@ from lofi.acestep import tiling
 from lofi.acestep.configs import DCAEConfig, VocoderConfig
 from lofi.checkpoint import read_config
 from lofi_mlx.mlxrt import mx
+from mlx.utils import tree_map
 from lofi_mlx.acestep import dcae
 from lofi_mlx.synthetic import DCAE as DCAE_REAL
 from lofi_mlx.synthetic import VOCODER as VOCODER_REAL
@@ -110,6 +111,22 @@ def test_dcae_tiled_decoder_equals_whole(decoder, T, tile, low_tile):
     assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
     if low_tile >= T:  # the attention half untiled: only the convolutions' rounding remains
         assert np.abs(tiled - whole).max() <= 1e-6 * np.abs(whole).max()
+
+
+@pytest.mark.parametrize("T,tile", [(37, 8), (40, 3)])
+def test_dcae_low_stage_blocks_in_windows(T, tile):
+    """Each kind of block the low-resolution stages may hold, windowed and assembled in place,
+    against the block run whole (a ResBlock there is not in ACE-Step's config, but a config may
+    put one after an attention stage)."""
+    rng = np.random.default_rng(T)
+    h = mx.array(rng.standard_normal((1, 4, T, 16)).astype(np.float32))
+    for blk in (dcae.ResBlock(16), dcae.EfficientViTBlock(16, 8, (5,))):
+        blk.update(tree_map(lambda a: mx.array(rng.standard_normal(a.shape).astype(np.float32) * 0.3),
+                            blk.parameters()))
+        whole = np.array(blk(h))
+        tiled = np.array(dcae._tiled_block(blk, h, T, tile))
+        assert tiled.shape == whole.shape
+        assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max(), type(blk).__name__
 
 
 def test_dcae_golden_in_small_tiles():

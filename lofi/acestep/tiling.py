@@ -91,6 +91,25 @@ def dcae_up_factor(cfg) -> int:
     return 2 ** min(tiled, n - 1)
 
 
+def dcae_attention_halo(cfg) -> int:
+    """Frames the lowest-resolution stage's multiscale convs read on each side."""
+    return max((k // 2 for k in cfg.decoder_qkv_multiscales[-1]), default=0)
+
+
+def dcae_decode_tables(cfg, n: int, tile: int, low_tile: int) -> dict:
+    """The window tables the ONNX DCAE decoder graph loops over (int64 rows), for n latent
+    frames: `sum_windows` (a, b, s, e) for the attention's sums, `attn_windows` (lo, hi, a, b,
+    s, e) for each block's output (attention on [a, b) from inputs [lo, hi), its 3x3 GLUMBConv
+    keeping [s, e)), `up_windows` (a, b, s, e) for the convolution stages."""
+    import numpy as np
+    h = dcae_attention_halo(cfg)
+    sums = [(w.a, w.b, w.s, w.e) for w in windows(n, low_tile, h)]
+    attn = [(max(0, w.a - h), min(n, w.b + h), w.a, w.b, w.s, w.e) for w in windows(n, low_tile, 1)]
+    up = [(w.a, w.b, w.s, w.e) for w in windows(n, tile, dcae_up_halo(cfg))]
+    return {k: np.asarray(v, np.int64).reshape(-1, c)
+            for k, v, c in (("sum_windows", sums, 4), ("attn_windows", attn, 6), ("up_windows", up, 4))}
+
+
 def polyphase_span(kernel: int, stride: int, padding: int) -> tuple[int, int]:
     """(jmin, jmax): output sample q·stride + r of a ConvTranspose1d reads inputs q − j for
     j in [jmin, jmax] (tap k = j·stride + r + padding must lie in [0, kernel))."""

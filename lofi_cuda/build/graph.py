@@ -193,6 +193,38 @@ class Graph:
     def mean(self, v: Value, axes, keepdims: bool = True) -> Value:
         return self.op("ReduceMean", v, self.ints(list(axes)), keepdims=int(keepdims))
 
+    def slice_at(self, v: Value, start: Value, end: Value, axis: int) -> Value:
+        """v[start:end] along `axis`, the bounds [1] int64 tensors computed in the graph."""
+        return self.op("Slice", v, start, end, self.ints([axis]))
+
+    # -- control flow ----------------------------------------------------------------------------
+    def loop_rows(self, table: Value, init: list, body) -> list:
+        """A Loop over the rows of an int64 `table` [K, cols]: `body(row, *carried)` builds the
+        next carried values from row [cols] and the current ones (their shapes may change from
+        one row to the next). Returns the final carried values. Values of this graph may be read
+        in the body (ONNX's outer scope); ONNX Runtime frees each pass's temporaries before the
+        next, which is what bounds a windowed decoder's memory."""
+        saved = self.nodes, self.inputs, self.outputs
+        self.nodes, self.inputs, self.outputs = [], [], []
+        try:
+            i = self.input(self._fresh("iter"), I64, [])
+            cond = self.input(self._fresh("cond"), BOOL, [])
+            carried = [self.input(self._fresh("carried"), v.dtype, None) for v in init]
+            row = self.op("Gather", table, i, axis=0)
+            outs = [cond] + list(body(row, *carried))
+            for v in outs:  # every body output is a node output of the body, with its own name
+                o = self.op("Identity", v)
+                self.outputs.append(helper.make_tensor_value_info(o.name, o.dtype, None))
+            graph = helper.make_graph(self.nodes, self._fresh("body"), self.inputs, self.outputs)
+        finally:
+            self.nodes, self.inputs, self.outputs = saved
+        count = self.op("Squeeze", self.shape(table, 0, 1), self.ints([0]))
+        res = self.op("Loop", count, None, *init, outputs=len(init), body=graph)
+        res = [res] if len(init) == 1 else res
+        for r, v in zip(res, init):
+            r.dtype = v.dtype
+        return res
+
     # -- common math -----------------------------------------------------------------------------
     def silu(self, x: Value) -> Value:
         return x * self.op("Sigmoid", x)

@@ -284,22 +284,24 @@ class MultiscaleLinearAttention(nn.Module):
         q, k, v = self._qkv(x)
         return self._out(x, q, self._sums(k, v))
 
-    def tiled(self, x, wins):
-        """The same over time windows (lofi.acestep.tiling): a first pass sums K and V^T K over
-        every window's kept frames, a second applies them window by window. Equal to the whole
-        run up to the order of those sums; memory is one window's projections."""
+    def sums(self, x, wins):
+        """The first pass of a windowed run: K and V^T K summed over every window's kept
+        frames (equal to the whole run's up to the order of the sums); memory is one window's
+        projections."""
         vk = None
         for w in wins:
             _, k, v = self._qkv(x[:, :, w.a:w.b], (w.s - w.a, w.e - w.a))
             part = self._sums(k, v)
             vk = part if vk is None else vk + part
             mx.eval(vk)
-        out = []
-        for w in wins:
-            q, _, _ = self._qkv(x[:, :, w.a:w.b], (w.s - w.a, w.e - w.a))
-            out.append(self._out(x[:, :, w.s:w.e], q, vk))
-            mx.eval(out[-1])
-        return mx.concatenate(out, axis=2)
+        return vk
+
+    def window(self, x, a: int, b: int, vk):
+        """The attention's output for frames [a, b) given the whole input's `sums`."""
+        n, h = x.shape[2], self.halo
+        lo, hi = max(0, a - h), min(n, b + h)
+        q, _, _ = self._qkv(x[:, :, lo:hi], (a - lo, b - lo))
+        return self._out(x[:, :, a:b], q, vk)
 
 
 class GLUMBConv(nn.Module):
@@ -408,9 +410,12 @@ class Decoder(nn.Module):
         k = dcae_attention_stages(self.config)
         return order[:k], order[k:]
 
+    def _conv_in(self, z):
+        return self.conv_in(z) + repeat_channels(z, self.in_repeats)
+
     def low(self, z):
         """conv_in and the stages with global attention: [B, 16, T, 8] -> [B, 16, T, C]."""
-        h = self.conv_in(z) + repeat_channels(z, self.in_repeats)
+        h = self._conv_in(z)
         for stage in self._stages()[0]:
             for blk in stage:
                 h = blk(h)
@@ -431,11 +436,12 @@ class Decoder(nn.Module):
         """`self(z)` in time tiles, each evaluated before the next: memory is bounded by one tile.
 
         The low-resolution stages run layer by layer over windows of `low_tile` frames (the
-        attention in two passes, see `MultiscaleLinearAttention.tiled`), the convolution-only
+        attention in two passes, `MultiscaleLinearAttention.sums` then `.window`; each block's
+        output assembled in place), the convolution-only
         stages end to end over windows of `tile` latent frames with an exact halo
         (`tiling.dcae_up_halo`): their output is the whole-length one, value for value."""
         n = z.shape[2]
-        h = self.conv_in(z) + repeat_channels(z, self.in_repeats)
+        h = _by_window(lambda w: self._conv_in(z[:, :, w.a:w.b]), z, windows(n, low_tile, 1))
         for stage in self._stages()[0]:
             for blk in stage:
                 h = _tiled_block(blk, h, n, low_tile)
@@ -451,22 +457,33 @@ class Decoder(nn.Module):
 
 
 def _by_window(fn, h, wins):
-    out = []
+    """`fn` over windows of h, assembled in place in one whole-length buffer (a list of parts
+    and their concatenation would hold the output twice)."""
+    if len(wins) == 1:
+        return fn(wins[0])
+    out = None
     for w in wins:
-        out.append(fn(h[:, :, w.a:w.b])[:, :, w.s - w.a:w.e - w.a])
-        mx.eval(out[-1])
-    return out[0] if len(out) == 1 else mx.concatenate(out, axis=2)
+        y = fn(w)[:, :, w.s - w.a:w.e - w.a]
+        if out is None:
+            out = mx.zeros((*h.shape[:3], y.shape[3]), y.dtype)
+        out[:, :, w.s:w.e] = y
+        mx.eval(out)
+    return out
 
 
 def _tiled_block(blk, h, n: int, tile: int):
-    """One low-resolution block over time windows (the same-resolution blocks only)."""
+    """One low-resolution block over time windows (the same-resolution blocks only): the
+    input and the output are the only whole-length buffers."""
     if isinstance(blk, EfficientViTBlock):
         attn = blk.attn
-        wins = windows(n, tile, attn.halo)
-        h = attn(h) if len(wins) == 1 else attn.tiled(h, wins)
-        return _by_window(blk.conv_out, h, windows(n, tile, 1))
+        wins = windows(n, tile, 1)  # conv_out's 3x3 depthwise conv reads one frame each side
+        if len(wins) == 1:
+            return blk(h)
+        vk = attn.sums(h, windows(n, tile, attn.halo))
+        return _by_window(lambda w: blk.conv_out(attn.window(h, w.a, w.b, vk)), h, wins)
     if isinstance(blk, ResBlock):
-        return _by_window(blk, h, windows(n, tile, 2))
+        wins = windows(n, tile, 2)
+        return _by_window(lambda w: blk(h[:, :, w.a:w.b]), h, wins)
     return blk(h)  # an UpBlock there (not in ACE-Step's DCAE) runs whole
 
 

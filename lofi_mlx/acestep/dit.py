@@ -30,6 +30,7 @@ from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
 from lofi.acestep.tables import TIME_CHANNELS, time_frequencies
 from lofi.acestep.tables import rope_tables as numpy_rope_tables
+from lofi.acestep.tiling import windows
 from lofi_mlx.acestep.common import DTYPES
 from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import exp_f32
@@ -45,6 +46,10 @@ from lofi_mlx.acestep.lyric_encoder import LyricEncoderConfig
 # the residual adds and the final layer in fp32 too: their activations can pass fp16's 65,504
 # (bf16 has fp32's range and needs none of this). False only to measure what they prevent.
 FP16_ISLANDS = True
+
+# Latent frames per feed-forward chunk (see GLUMBConv), ~47 s of audio: bounds a step's
+# temporaries at any length; each chunk's GEMMs still have >= 1024 rows.
+FF_CHUNK = 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +257,22 @@ class GLUMBConv(nn.Module):
         self.depth_conv = DepthwiseConv3(2 * F)
         self.point_conv = nn.Linear(F, cfg.width, bias=False)
 
+    def _run(self, x):
+        return conv3_glu(self.inverted_conv(x), self.depth_conv.weight, self.depth_conv.bias)
+
     def __call__(self, x):
-        u = conv3_glu(self.inverted_conv(x), self.depth_conv.weight, self.depth_conv.bias)
-        return self.point_conv(u)
+        # The [B, T, 2F] activations dominate a long step's temporaries: long inputs go in time
+        # chunks (with the one frame of context the k=3 conv reads on either side), each one
+        # evaluated before the next, or the lazy graph runs them side by side. At 240 s, 2 rows:
+        # 3.1 -> 1.0 GiB of temporaries per block, same time (benchmarks/RESULTS.md).
+        wins = windows(x.shape[1], FF_CHUNK, 1)
+        if len(wins) == 1:
+            return self.point_conv(self._run(x))
+        outs = []
+        for w in wins:
+            outs.append(self.point_conv(self._run(x[:, w.a:w.b])[:, w.s - w.a:w.e - w.a]))
+            mx.eval(outs[-1])
+        return mx.concatenate(outs, axis=1)
 
 
 class DiTBlock(nn.Module):

@@ -1,0 +1,102 @@
+"""The DCAE decode stage's memory at length, MLX and ONNX Runtime engines (issue 11).
+
+    PYTHONPATH=. python benchmarks/dcae_memory.py --checkpoint HF_CHECKPOINT
+        [--seconds 30 120 240] [--engines mlx onnx] [--json OUT]
+
+HF_CHECKPOINT: a checkpoint in the Hugging Face layout, e.g. the synthetic mid-size one
+(`python -m lofi.acestep.synthetic_hf DIR --size mid`: the real DCAE widths). Each (engine,
+length) runs in a fresh process: load the decoder (fp32), reset the kernel's peak-RSS mark,
+decode random latents of that length through the engine's own `dcae_decode` (its time windows
+and their defaults), and report the peak RSS of the stage above the process before the load
+(weights + working set + output), plus MLX's own peak. ONNX: the engine's `dcae_decode` graph
+is built once into a scratch folder (a full setup is not needed for one graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(engine: str, checkpoint: Path, seconds: float, graphs: Path | None) -> dict:
+    import numpy as np
+    frames = round(seconds * 44100 / 512 / 8)
+    lat = np.random.default_rng(0).standard_normal((1, 8, 16, frames)).astype(np.float32)
+    before = _status("VmRSS")
+    if engine == "mlx":
+        from lofi_mlx.engine import MLXEngine
+        eng = MLXEngine(checkpoint, "fp32", "cpu")
+    else:
+        from lofi_cuda.engine import ONNXEngine
+        eng = ONNXEngine(checkpoint, "fp32", "cpu")
+        eng._graph_dir = graphs  # the one graph built by the parent
+    eng.load("dcae")
+    loaded = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    if engine == "mlx":
+        from lofi_mlx.mlxrt import mx
+        mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    mel = eng.dcae_decode(lat)
+    wall = time.perf_counter() - t0
+    out = {"engine": engine, "seconds": seconds, "frames": frames, "wall_s": round(wall, 1),
+           "rss_before_load": before, "rss_after_load": loaded, "rss_peak": _status("VmHWM"),
+           "stage_peak_above_start": _status("VmHWM") - before, "mel_bytes": int(mel.nbytes)}
+    if engine == "mlx":
+        out["mlx_peak"] = int(mx.get_peak_memory())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, nargs="+", default=[30.0, 120.0, 240.0])
+    ap.add_argument("--engines", nargs="+", default=["mlx", "onnx"], choices=["mlx", "onnx"])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        engine, seconds, graphs = args.child
+        print(json.dumps(child(engine, args.checkpoint, float(seconds), Path(graphs) if graphs else None)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lofi-dcae-mem-") as tmp:
+        graphs = ""
+        if "onnx" in args.engines:
+            from lofi_cuda.build import dcae
+            from lofi_cuda.build.graph import F32
+            dcae.build(args.checkpoint, Path(tmp), F32, "decoder")
+            graphs = tmp
+        for engine in args.engines:
+            for s in args.seconds:
+                cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint),
+                       "--child", engine, str(s), graphs]
+                r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                extra = f", MLX peak {row['mlx_peak'] / 2**30:.2f} GiB" if "mlx_peak" in row else ""
+                print(f"{engine:4} {s:5.0f} s: stage peak {row['stage_peak_above_start'] / 2**30:.2f} GiB "
+                      f"above the process before loading (weights {(row['rss_after_load'] - row['rss_before_load']) / 2**30:.2f} GiB)"
+                      f"{extra}, {row['wall_s']} s", flush=True)
+    if args.json:
+        meta = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
