@@ -35,7 +35,9 @@ def _status(field: str) -> int:
 
 def child(engine: str, checkpoint: Path, seconds: float, graphs: Path | None) -> dict:
     import numpy as np
-    frames = round(seconds * 44100 / 512 / 8)
+
+    from lofi.audio import frames_for_duration
+    frames = frames_for_duration(seconds)
     lat = np.random.default_rng(0).standard_normal((1, 8, 16, frames)).astype(np.float32)
     before = _status("VmRSS")
     if engine == "mlx":

@@ -24,11 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lofi.audio import frames_for_duration as frames  # noqa: E402
+
 G = 2 ** 30
-
-
-def frames(seconds: float) -> int:
-    return round(seconds * 44100 / 512 / 8)
 
 
 def block(args) -> list:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lofi.acestep.configs import DCAEConfig, VocoderConfig
-from lofi.acestep.tiling import dcae_decode_tables, vocoder_halo, windows
+from lofi.acestep.tiling import DCAE_LOW_TILE, DCAE_TILE, dcae_decode_tables, vocoder_halo, windows
 from lofi.checkpoint import read_config
 from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi.memory import trim
@@ -48,7 +48,6 @@ STAGE_GRAPHS = {"text_encoder": ("text_encoder",), "transformer": ("dit_encode",
 # Time tiles for the decoders (latent frames for the DCAE's upper half, mel frames for the
 # vocoder); each tile runs with an exact halo (lofi.acestep.tiling), so memory stays flat.
 VOCODER_TILE = 2048
-DCAE_TILE, DCAE_LOW_TILE = 128, 256  # as the MLX engine's (lofi_mlx/acestep/dcae.py)
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 

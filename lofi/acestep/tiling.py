@@ -17,6 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# DCAE decode tiles (latent frames) for both engines: at 128 + 2 x 7 halo frames the full-size
+# decoder's largest tile activations are ~75 MB each (128 ch x 128 x 1136); the low-resolution
+# stages are cheap per frame and take longer tiles.
+DCAE_TILE = 128
+DCAE_LOW_TILE = 256
+
 
 @dataclass(frozen=True)
 class Window:

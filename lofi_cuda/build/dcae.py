@@ -159,11 +159,10 @@ class Builder:
         block's GLUMBConv on it, frames [s, e) kept and appended. Equal to the whole block up to
         the order of the sums; memory is one window's."""
         g = self.g
-        col = lambda row, j: g.slice(row, j, j + 1, 0)  # noqa: E731
         akey = key + ".attn"
 
         def add_sums(row, vk):
-            a, b, s, e = (col(row, j) for j in range(4))
+            a, b, s, e = g.columns(row, 4)
             _, k, v = self.attn_qkv(g.slice_at(h, a, b, 3), akey, c, kernels, (s - a, e - a))
             return [vk + self.attn_sums(k, v)]
 
@@ -174,7 +173,7 @@ class Builder:
         vk = g.loop_rows(sums_rows, [zero], add_sums)[0]
 
         def add_window(row, acc):
-            lo, hi, a, b, s, e = (col(row, j) for j in range(6))
+            lo, hi, a, b, s, e = g.columns(row, 6)
             q, _, _ = self.attn_qkv(g.slice_at(h, lo, hi, 3), akey, c, kernels, (a - lo, b - lo))
             y = self.attn_out(g.slice_at(h, a, b, 3), q, vk, akey, c, kernels)
             y = self.glumbconv(y, key + ".conv_out", c)
@@ -198,10 +197,9 @@ class Builder:
             h = self.windowed_attention_block(h, f"up_blocks.{n - 1}.{m}", ch[-1],
                                               cfg.decoder_qkv_multiscales[n - 1], sums_rows, rows)
         f = dcae_up_factor(cfg)
-        col = lambda row, j: g.slice(row, j, j + 1, 0)  # noqa: E731
 
         def add_tile(row, acc):
-            a, b, s, e = (col(row, j) for j in range(4))
+            a, b, s, e = g.columns(row, 4)
             y = self.up(g.slice_at(h, a, b, 3))
             return [g.concat([acc, g.slice_at(y, (s - a) * f, (e - a) * f, 3)], 3)]
 

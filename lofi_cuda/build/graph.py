@@ -197,6 +197,10 @@ class Graph:
         """v[start:end] along `axis`, the bounds [1] int64 tensors computed in the graph."""
         return self.op("Slice", v, start, end, self.ints([axis]))
 
+    def columns(self, row: Value, n: int) -> list:
+        """The first n entries of a loop's table row, each a [1] tensor (bounds for slice_at)."""
+        return [self.slice(row, j, j + 1, 0) for j in range(n)]
+
     # -- control flow ----------------------------------------------------------------------------
     def loop_rows(self, table: Value, init: list, body) -> list:
         """A Loop over the rows of an int64 `table` [K, cols]: `body(row, *carried)` builds the

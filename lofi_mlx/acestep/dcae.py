@@ -25,7 +25,7 @@ from lofi.acestep.configs import DCAE_PARTS as PARTS
 from lofi.acestep.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
 from lofi.acestep.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
 from lofi.acestep.configs import DCAEConfig
-from lofi.acestep.tiling import dcae_attention_stages, dcae_up_factor, dcae_up_halo, windows
+from lofi.acestep.tiling import DCAE_LOW_TILE, DCAE_TILE, dcae_attention_stages, dcae_up_factor, dcae_up_halo, windows
 from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
@@ -34,11 +34,6 @@ from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import load_strict
 from lofi_mlx.acestep.common import rms_norm
 from lofi_mlx.acestep.common import silu
-
-# Time tiles (latent frames) for decoding; see `Decoder.tiled`. At 128 + 2 x 7 halo frames the
-# full-size decoder's largest tile activations are ~75 MB each (128 ch x 128 x 1136).
-TILE = 128
-LOW_TILE = 256
 
 # ---------------------------------------------------------------------------------------------
 # layout helpers (NHWC)
@@ -432,7 +427,7 @@ class Decoder(nn.Module):
         """Raw DCAE latent [B, 16, T, 8] (NHWC) -> normalised mel [B, 128, 8T, 2]."""
         return self.up(self.low(z))
 
-    def tiled(self, z, tile: int = TILE, low_tile: int = LOW_TILE):
+    def tiled(self, z, tile: int = DCAE_TILE, low_tile: int = DCAE_LOW_TILE):
         """`self(z)` in time tiles, each evaluated before the next: memory is bounded by one tile.
 
         The low-resolution stages run layer by layer over windows of `low_tile` frames (the
@@ -533,7 +528,7 @@ class MusicDCAE(nn.Module):
         if part not in self.parts:
             raise LofiError(MODEL_INFERENCE_FAILED, f"the DCAE was loaded without its {part}")
 
-    def decode_latents(self, latents, tile: int = TILE, low_tile: int = LOW_TILE) -> mx.array:
+    def decode_latents(self, latents, tile: int = DCAE_TILE, low_tile: int = DCAE_LOW_TILE) -> mx.array:
         """DiT latents [B, 8, 16, T] -> log-mel [B, 2, 128, 8T] (natural log, de-normalised), fp32.
         Runs in time tiles (`Decoder.tiled`): memory stays flat with the length.
 
