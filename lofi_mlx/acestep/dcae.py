@@ -30,6 +30,7 @@ from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILE
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
 from lofi_mlx.acestep.common import DTYPES
+from lofi_mlx.acestep.common import decode_cache
 from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import load_strict
 from lofi_mlx.acestep.common import rms_norm
@@ -544,7 +545,9 @@ class MusicDCAE(nn.Module):
         mels = []
         for b in range(z.shape[0]):
             zb = (z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR).astype(self.dtype)
-            m = self.decoder.tiled(zb.transpose(0, 2, 3, 1), tile, low_tile).astype(mx.float32)
+            with decode_cache():
+                m = self.decoder.tiled(zb.transpose(0, 2, 3, 1), tile, low_tile).astype(mx.float32)
+                mx.eval(m)
             m = (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
             mels.append(m.transpose(0, 3, 1, 2))
         return mx.concatenate(mels, axis=0)

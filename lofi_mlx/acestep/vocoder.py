@@ -36,6 +36,7 @@ from lofi.errors import INVALID_PARAMS, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
 from lofi_mlx.acestep.common import DTYPES
+from lofi_mlx.acestep.common import decode_cache
 from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import fold_weight_norm
 from lofi_mlx.acestep.common import fused
@@ -443,10 +444,11 @@ class Vocoder(nn.Module):
             return self.forward(mel)
         hop = self.cfg.hop
         parts = []
-        for w in windows(n, chunk_frames, halo):
-            y = self.forward(mel[:, :, w.a:w.b])[:, (w.s - w.a) * hop:(w.e - w.a) * hop]
-            mx.eval(y)  # one window's activations at a time
-            parts.append(y)
+        with decode_cache():
+            for w in windows(n, chunk_frames, halo):
+                y = self.forward(mel[:, :, w.a:w.b])[:, (w.s - w.a) * hop:(w.e - w.a) * hop]
+                mx.eval(y)  # one window's activations at a time
+                parts.append(y)
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
