@@ -1,7 +1,8 @@
 """int8 DiT weights for ONNX Runtime on the CPU (`--quantize 8`, LOFI_QUANTIZE=8).
 
 `dit_decode.q8.onnx` is made from the builder's fp32 `dit_decode.onnx` (lofi_cuda/build) beside
-it by ONNX Runtime's dynamic quantization: the transformer blocks' MatMuls whose weight is a
+it in the form ONNX Runtime's dynamic quantization writes, made here one weight at a time (see
+`_rewrite`): the transformer blocks' MatMuls whose weight is a
 constant (q/k/v/out of the self-attention, the feed-forward's two projections) get int8 weights,
 per output channel, and run as MatMulInteger on activations quantized per call (uint8).
 Cross-attention, attention products, norms, the embedders and the final layer stay fp32.
@@ -70,38 +71,33 @@ def ensure_quantized(folder: str | Path, graph: str = "dit_decode", log=print) -
     try:
         import onnx
         import onnxruntime
-        from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:
         raise LofiError(MODEL_LOAD_FAILED, f"making the int8 DiT graph needs the onnx package "
                         f"(it comes with 'lofi[onnx-cpu]'): {e}") from e
     src = folder / f"{graph}.onnx"
-    big = (folder / f"{graph}.onnx.data").is_file()
     model = onnx.load(str(src), load_external_data=False)
     _named(model)
     nodes = block_matmuls(model)
     if not nodes:
         raise LofiError(MODEL_LOAD_FAILED, f"{src}: no transformer-block MatMul with constant weights to quantize")
     log(f"lofi: quantizing {len(nodes)} DiT MatMuls of {src} to int8 (one-time)")
+    data = out.with_name(out.name + ".data")
     tmp = folder / f".{graph}{SUFFIX}.{os.getpid()}.tmp.onnx"
     tmp_data = tmp.with_name(tmp.name + ".data")
-    named = folder / f".{graph}.named.{os.getpid()}.onnx"  # same folder: the data file's path holds
     try:
-        onnx.save(model, str(named))
-        del model
-        quantize_dynamic(str(named), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
-                         use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
-        if tmp_data.is_file():
-            _relink_external_data(tmp, out.name + ".data")
+        external = (folder / f"{graph}.onnx.data").is_file()
+        with open(tmp_data, "wb") as fh:
+            _rewrite(model, set(nodes), folder, fh if external else None, data.name)
+        onnx.save(model, str(tmp))
+        if external:
             os.chmod(tmp_data, src.stat().st_mode & 0o777)  # written as a private temporary
-            os.replace(tmp_data, out.with_name(out.name + ".data"))
+            os.replace(tmp_data, data)
         os.replace(tmp, out)
     except LofiError:
         raise
     except Exception as e:
         raise LofiError(MODEL_LOAD_FAILED, f"quantizing {src} failed: {type(e).__name__}: {e}") from e
     finally:
-        named.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         tmp_data.unlink(missing_ok=True)
     rec = {"sources": _sources(folder, graph), "onnxruntime": onnxruntime.__version__, "nodes": len(nodes),
@@ -112,12 +108,64 @@ def ensure_quantized(folder: str | Path, graph: str = "dit_decode", log=print) -
     return out
 
 
-def _relink_external_data(model_path: Path, data_name: str) -> None:
-    """Point the graph's external tensors at the data file's final name."""
-    import onnx
-    m = onnx.load(str(model_path), load_external_data=False)
-    for t in m.graph.initializer:
-        for kv in t.external_data:
-            if kv.key == "location":
-                kv.value = data_name
-    onnx.save(m, str(model_path))
+def _rewrite(model, targets: set, folder: Path, fh, data_name: str) -> None:
+    """Replace each target MatMul(x, W) in place by the dynamic int8 form ONNX Runtime's
+    `quantize_dynamic` writes (and fuses to one kernel): x -> DynamicQuantizeLinear (uint8, one
+    per input tensor), W -> int8 per output column, symmetric (scale max|W[:, n]| / 127), then
+    MatMulInteger, Cast and the scales' product. One weight is read at a time, so memory stays
+    at one tensor whatever the model's size (quantize_dynamic loads the whole model and was
+    killed at 22.8 GB on the full-size DiT). Int8 weights go to `fh` as external data under
+    `data_name` (inline when fh is None); the other weights keep their place in the source's
+    data file, which the int8 graph shares."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    used = {}
+    for n in g.node:
+        for i in n.input:
+            used[i] = used.get(i, 0) + 1
+    drop, added, nodes, dq = set(), [], [], {}
+    for n in g.node:
+        if n.name not in targets:
+            nodes.append(n)
+            continue
+        x, wname = n.input
+        w = numpy_helper.to_array(inits[wname], base_dir=str(folder)).astype(np.float32)
+        if w.ndim != 2:
+            raise ValueError(f"{n.name}: a 2-D weight expected, got {list(w.shape)}")
+        scale = np.abs(w).max(axis=0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        wq = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        del w
+        qw = numpy_helper.from_array(wq, wname + "_q8")
+        if fh is not None:
+            pad = -fh.tell() % 64
+            fh.write(b"\0" * pad)
+            offset = fh.tell()
+            fh.write(qw.raw_data)
+            qw.ClearField("raw_data")
+            qw.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(wq.nbytes))):
+                qw.external_data.add(key=k, value=v)
+        added += [qw, numpy_helper.from_array(scale, wname + "_q8_scale"),
+                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), wname + "_q8_zero")]
+        if used[wname] == 1:
+            drop.add(wname)
+        if x not in dq:
+            dq[x] = (x + "_u8", x + "_u8_scale", x + "_u8_zero")
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(dq[x]), name=x + "_dql"))
+        xq, xs, xz = dq[x]
+        y = n.output[0]
+        nodes += [
+            helper.make_node("MatMulInteger", [xq, wname + "_q8", xz, wname + "_q8_zero"], [y + "_i32"],
+                             name=n.name + "_int"),
+            helper.make_node("Cast", [y + "_i32"], [y + "_f"], to=TensorProto.FLOAT, name=n.name + "_cast"),
+            helper.make_node("Mul", [xs, wname + "_q8_scale"], [y + "_scale"], name=n.name + "_scale"),
+            helper.make_node("Mul", [y + "_f", y + "_scale"], [y], name=n.name + "_out"),
+        ]
+    keep = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep + added)
+    del g.node[:]
+    g.node.extend(nodes)

@@ -180,6 +180,69 @@ def test_onnx_int8_graph_within_bound(onnx_cache):
     assert q.stat().st_mtime_ns == mtime
 
 
+def _dit_decode_feeds(session, b=2, t=8, length=5):
+    rng = np.random.default_rng(0)
+    dims = {"B": b, "T": t, "L": length}
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [dims[d] if isinstance(d, str) else d for d in i.shape]
+        feeds[i.name] = rng.uniform(-1, 1, shape).astype(np.float32)
+    feeds["ctx_mask"][:] = 1.0
+    return feeds
+
+
+def test_int8_rewrite_equals_onnxruntime_quantize_dynamic_and_streams_external_data(onnx_cache, tmp_path):
+    """lofi_cuda.quantize writes the graph ONNX Runtime's quantize_dynamic writes (same int8
+    weights and scales, same outputs up to float rounding) one weight at a time; a source graph
+    with external data (every full-size graph) gets an int8 data file of its own and shares the
+    source's for the rest, with the same outputs as the inline build."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lofi_cuda.engine import ONNXEngine
+    from lofi_cuda.quantize import _named, block_matmuls, ensure_quantized, quantized_path
+
+    folder = ONNXEngine(CHECKPOINT, "fp32", "cpu").graph_dir()
+    ours = ensure_quantized(folder, log=lambda *a: None)
+    m = onnx.load(str(folder / "dit_decode.onnx"))
+    _named(m)
+    nodes = block_matmuls(m)
+    onnx.save(m, str(tmp_path / "named.onnx"))
+    quantize_dynamic(str(tmp_path / "named.onnx"), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True})
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(onnx.load(str(folder / "dit_decode.onnx")), str(ext / "dit_decode.onnx"),
+              save_as_external_data=True, all_tensors_to_one_file=True,
+              location="dit_decode.onnx.data", size_threshold=1024)
+    ext_q = ensure_quantized(ext, log=lambda *a: None)
+    assert (ext / "dit_decode.q8.onnx.data").is_file()
+    locations = {kv.value for t in onnx.load(str(ext_q), load_external_data=False).graph.initializer
+                 for kv in t.external_data if kv.key == "location"}
+    assert locations == {"dit_decode.onnx.data", "dit_decode.q8.onnx.data"}
+
+    from onnx import numpy_helper
+    theirs = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "ort.onnx")).graph.initializer}
+    mine = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
+    wnames = [n.input[1] for n in m.graph.node if n.name in set(nodes)]
+    assert len(wnames) == len(nodes) > 0
+    for w in wnames:
+        assert np.allclose(mine[w + "_q8_scale"], theirs[w + "_scale"], rtol=1e-6), w
+        diff = mine[w + "_q8"].astype(np.int32) - theirs[w + "_quantized"].astype(np.int32)
+        assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 1e-3, w  # ties may round apart
+        assert w not in mine  # the fp32 weight is gone from the int8 graph
+
+    outs = []
+    for g in (ours, tmp_path / "ort.onnx", ext_q):
+        s = ort.InferenceSession(str(g), providers=["CPUExecutionProvider"])
+        outs.append(s.run(None, _dit_decode_feeds(s))[0])
+    assert np.array_equal(outs[0], outs[2])
+    assert _rel(outs[0], outs[1]) < 1e-4, _rel(outs[0], outs[1])
+    assert quantized_path(folder) == ours
+
+
 # ---------------------------------------------------------------- what quantize is refused with
 
 def _tiny_lora(home):
