@@ -43,8 +43,10 @@ def _diagnose() -> str | None:
             err = _probe(rt)
     if err is None:
         return None
-    return (f"the CUDA provider failed to start ({err}); it needs the CUDA and cuDNN 9 libraries its "
-            f"onnxruntime-gpu {rt.__version__} was built for (CUDA 13 for 1.31; older wheels CUDA 12): install them system-wide, or pip install 'onnxruntime-gpu[cuda,cudnn]' to get NVIDIA's "
+    version = getattr(rt, "__version__", "")
+    return (f"the CUDA provider failed to start ({err}); it needs the CUDA and cuDNN 9 libraries "
+            f"onnxruntime-gpu {version} was built for (CUDA 13 for 1.31; older wheels CUDA 12): "
+            "install them system-wide, or pip install 'onnxruntime-gpu[cuda,cudnn]' to get NVIDIA's "
             "pip packages (found automatically)")
 
 
