@@ -1,13 +1,14 @@
-"""The decode stages' memory at length (DCAE, vocoder), MLX and ONNX Runtime engines (issue 11).
+"""The decoders' (and the DCAE encoder's) memory at length, MLX and ONNX Runtime engines (issue 11).
 
     PYTHONPATH=. python benchmarks/decode_memory.py --checkpoint HF_CHECKPOINT
-        [--stages dcae vocoder] [--seconds 30 120 240] [--engines mlx onnx] [--json OUT]
+        [--stages dcae vocoder dcae_encoder] [--seconds 30 120 240] [--engines mlx onnx] [--json OUT]
 
 HF_CHECKPOINT: a checkpoint in the Hugging Face layout, e.g. the synthetic mid-size one
 (`python -m lofi.acestep.synthetic_hf DIR --size mid`: the real DCAE widths). Each (engine,
 length, stage) runs in a fresh process: load the decoder (fp32), reset the kernel's peak-RSS
-mark, decode random latents (DCAE) or a random log-mel (vocoder, both channels) of that length
-through the engine's own `dcae_decode` / `vocode` (their time windows and defaults), and report the peak RSS of the stage above the process before the load
+mark, decode random latents (DCAE) or a random log-mel (vocoder, both channels; the encoder) of
+that length through the engine's own `dcae_decode` / `vocode` / `dcae_encode` (their time windows
+and defaults), and report the peak RSS of the stage above the process before the load
 (weights + working set + output), plus MLX's own peak. ONNX: the engine's `dcae_decode` graph
 graphs are built once into a scratch folder (a full setup is not needed for two graphs).
 """
@@ -41,7 +42,7 @@ def child(engine: str, stage: str, checkpoint: Path, seconds: float, graphs: Pat
     rng = np.random.default_rng(0)
     if stage == "dcae":
         x = rng.standard_normal((1, 8, 16, frames)).astype(np.float32)
-    else:  # a log-mel in the DCAE's output range
+    else:  # a log-mel in the DCAE's output range (the vocoder's and the encoder's input)
         x = rng.uniform(-11.0, 3.0, (1, 2, 128, 8 * frames)).astype(np.float32)
     before = _status("VmRSS")
     if engine == "mlx":
@@ -58,7 +59,8 @@ def child(engine: str, stage: str, checkpoint: Path, seconds: float, graphs: Pat
         from lofi_mlx.mlxrt import mx
         mx.reset_peak_memory()
     t0 = time.perf_counter()
-    y = eng.dcae_decode(x) if stage == "dcae" else eng.vocode(x)
+    run = {"dcae": eng.dcae_decode, "vocoder": eng.vocode, "dcae_encoder": eng.dcae_encode}[stage]
+    y = run(x)
     wall = time.perf_counter() - t0
     out = {"engine": engine, "stage": stage, "seconds": seconds, "frames": frames,
            "wall_s": round(wall, 1), "rss_before_load": before, "rss_after_load": loaded,
@@ -74,7 +76,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--seconds", type=float, nargs="+", default=[30.0, 120.0, 240.0])
     ap.add_argument("--engines", nargs="+", default=["mlx", "onnx"], choices=["mlx", "onnx"])
-    ap.add_argument("--stages", nargs="+", default=["dcae"], choices=["dcae", "vocoder"])
+    ap.add_argument("--stages", nargs="+", default=["dcae"], choices=["dcae", "vocoder", "dcae_encoder"])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -93,6 +95,8 @@ def main() -> None:
                 dcae.build(args.checkpoint, Path(tmp), F32, "decoder")
             if "vocoder" in args.stages:
                 vocoder.build(args.checkpoint, Path(tmp), F32)
+            if "dcae_encoder" in args.stages:
+                dcae.build(args.checkpoint, Path(tmp), F32, "encoder")
             graphs = tmp
         for stage, engine, s in ((st, e, s) for st in args.stages for e in args.engines
                                  for s in args.seconds):

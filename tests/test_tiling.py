@@ -136,3 +136,37 @@ def test_dcae_golden_in_small_tiles():
     mel = np.array(model.decode_latents(g["in.latents"], tile=4, low_tile=3))
     ref = np.stack([g["vocoder.0.in.mel"], g["vocoder.1.in.mel"]], axis=1)
     assert np.abs(mel - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("tile,low_tile", [(4, 3), (5, 8), (16, 16)])
+def test_dcae_encoder_in_windows_equals_the_whole_run(tile, low_tile):
+    """The encoder's convolution stages over windows on its stride grid with the exact halo, the
+    attention stage block by block, against the whole-length encoder (tiny DCAE, random mel
+    long enough for several windows, weights scaled up so edge effects would show)."""
+    model = dcae.load(CHECKPOINT, parts=("encoder",))
+    enc = model.encoder
+    rng = np.random.default_rng(7)
+    enc.update(tree_map(lambda a: a * 1.5, enc.parameters()))
+    x = mx.array(rng.standard_normal((1, 128, 8 * 37, 2)).astype(np.float32))
+    whole = np.array(enc(x))
+    tiled = np.array(enc.tiled(x, tile, low_tile))
+    assert tiled.shape == whole.shape == (1, 16, 37, 8)
+    assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
+
+
+def test_dcae_encoder_halo_is_needed(monkeypatch):
+    """With no halo the windows' zero padding reaches the kept frames: the test above can fail."""
+    model = dcae.load(CHECKPOINT, parts=("encoder",))
+    x = mx.array(np.random.default_rng(8).standard_normal((1, 128, 8 * 37, 2)).astype(np.float32))
+    whole = np.array(model.encoder(x))
+    monkeypatch.setattr(dcae, "dcae_down_halo", lambda cfg: 0)
+    tiled = np.array(model.encoder.tiled(x, 4, 3))
+    assert np.abs(tiled - whole).max() > 1e-3 * np.abs(whole).max()
+
+
+def test_dcae_down_halo_from_the_config():
+    """ACE-Step's encoder: conv_in 1 + stage 0 2x2x1 + its stride-2 conv 1 + stage 1 2x2x2 +
+    2 + stage 2 3x2x4 + 4 = 44 mel frames, 6 frames at the stride-8 output."""
+    cfg = DCAEConfig()
+    assert tiling.dcae_down_stages(cfg) == 3 and tiling.dcae_down_factor(cfg) == 8
+    assert tiling.dcae_down_halo(cfg) == 6

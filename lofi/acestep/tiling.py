@@ -90,6 +90,33 @@ def dcae_up_halo(cfg) -> int:
     return need
 
 
+def dcae_down_stages(cfg) -> int:
+    """Encoder stages before the first one with global attention: they run in windows."""
+    k = 0
+    while k < len(cfg.encoder_block_types) and cfg.encoder_block_types[k] == "ResBlock":
+        k += 1
+    return k
+
+
+def dcae_down_factor(cfg) -> int:
+    """Input (mel) frames per frame at the output of the encoder's windowed stages."""
+    return 2 ** min(dcae_down_stages(cfg), len(cfg.encoder_block_out_channels) - 1)
+
+
+def dcae_down_halo(cfg) -> int:
+    """Frames at the windowed stages' output resolution that their output needs on each side:
+    every 3x3 conv reads one frame at its own resolution (conv_in; a ResBlock has two; a
+    stage's closing stride-2 conv one at its input's), summed in mel frames, rounded up."""
+    n = len(cfg.encoder_block_out_channels)
+    need, scale = 1, 1  # conv_in
+    for i in range(dcae_down_stages(cfg)):
+        need += 2 * cfg.encoder_layers_per_block[i] * scale
+        if i < n - 1:  # the DownBlock's stride-2 conv; its unshuffle shortcut stays in its cell
+            need += scale
+            scale *= 2
+    return math.ceil(need / dcae_down_factor(cfg))
+
+
 def dcae_up_factor(cfg) -> int:
     """Output (mel) frames per frame at the input of the tiled stages."""
     n = len(cfg.decoder_block_out_channels)

@@ -25,7 +25,8 @@ from lofi.acestep.configs import DCAE_PARTS as PARTS
 from lofi.acestep.configs import DCAE_SCALE_FACTOR as SCALE_FACTOR
 from lofi.acestep.configs import DCAE_SHIFT_FACTOR as SHIFT_FACTOR
 from lofi.acestep.configs import DCAEConfig
-from lofi.acestep.tiling import DCAE_LOW_TILE, DCAE_TILE, dcae_attention_stages, dcae_up_factor, dcae_up_halo, windows
+from lofi.acestep.tiling import (DCAE_LOW_TILE, DCAE_TILE, dcae_attention_stages, dcae_down_factor,
+                                 dcae_down_halo, dcae_down_stages, dcae_up_factor, dcae_up_halo, windows)
 from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
@@ -437,7 +438,7 @@ class Decoder(nn.Module):
         stages end to end over windows of `tile` latent frames with an exact halo
         (`tiling.dcae_up_halo`): their output is the whole-length one, value for value."""
         n = z.shape[2]
-        h = _by_window(lambda w: self._conv_in(z[:, :, w.a:w.b]), z, windows(n, low_tile, 1))
+        h = _by_window(lambda w: self._conv_in(z[:, :, w.a:w.b]), z.shape[:3], windows(n, low_tile, 1))
         for stage in self._stages()[0]:
             for blk in stage:
                 h = _tiled_block(blk, h, n, low_tile)
@@ -452,16 +453,16 @@ class Decoder(nn.Module):
         return mels[0] if len(mels) == 1 else mx.concatenate(mels, axis=2)
 
 
-def _by_window(fn, h, wins):
-    """`fn` over windows of h, assembled in place in one whole-length buffer (a list of parts
-    and their concatenation would hold the output twice)."""
+def _by_window(fn, lead: tuple, wins):
+    """`fn` over windows, its outputs assembled in place in one whole-length buffer of leading
+    shape `lead` (B, H, frames); a list of parts and their concatenation would hold it twice."""
     if len(wins) == 1:
         return fn(wins[0])
     out = None
     for w in wins:
         y = fn(w)[:, :, w.s - w.a:w.e - w.a]
         if out is None:
-            out = mx.zeros((*h.shape[:3], y.shape[3]), y.dtype)
+            out = mx.zeros((*lead, y.shape[3]), y.dtype)
         out[:, :, w.s:w.e] = y
         mx.eval(out)
     return out
@@ -476,10 +477,10 @@ def _tiled_block(blk, h, n: int, tile: int):
         if len(wins) == 1:
             return blk(h)
         vk = attn.sums(h, windows(n, tile, attn.halo))
-        return _by_window(lambda w: blk.conv_out(attn.window(h, w.a, w.b, vk)), h, wins)
+        return _by_window(lambda w: blk.conv_out(attn.window(h, w.a, w.b, vk)), h.shape[:3], wins)
     if isinstance(blk, ResBlock):
         wins = windows(n, tile, 2)
-        return _by_window(lambda w: blk(h[:, :, w.a:w.b]), h, wins)
+        return _by_window(lambda w: blk(h[:, :, w.a:w.b]), h.shape[:3], wins)
     return blk(h)  # an UpBlock there (not in ACE-Step's DCAE) runs whole
 
 
@@ -500,6 +501,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
         self.out_group = ch[-1] // cfg.latent_channels
         self.factor = 2 ** (n - 1)
+        self.config = cfg
 
     def __call__(self, x):
         """Normalised mel [B, 128, F, 2] (NHWC) -> raw DCAE latent [B, 16, F/8, 8]."""
@@ -508,6 +510,35 @@ class Encoder(nn.Module):
             for blk in stage:
                 h = blk(h)
         return self.conv_out(h) + group_mean(h, self.out_group)
+
+    def tiled(self, x, tile: int = DCAE_TILE, low_tile: int = DCAE_LOW_TILE):
+        """`self(x)` in time windows: the convolution stages (conv_in to the last DownBlock before
+        global attention) over windows of `tile` output frames with an exact halo
+        (`tiling.dcae_down_halo`; windows start on the stride grid, so the strided convs sample
+        what the whole run samples), the attention stage block by block as the decoder's
+        (`_tiled_block`), conv_out in windows. Memory is one window's plus the low-resolution
+        whole-length buffers; the source's length no longer matters."""
+        cfg = self.config
+        k, f = dcae_down_stages(cfg), dcae_down_factor(cfg)
+        if k < len(self.down_blocks) - 1:  # a DownBlock after attention: not ACE-Step's layout
+            return self(x)
+        n = x.shape[2] // f
+        conv = [blk for stage in self.down_blocks[:k] for blk in stage]
+
+        def convs(w):
+            h = self.conv_in(x[:, :, w.a * f:w.b * f])
+            for blk in conv:
+                h = blk(h)
+            return h
+
+        h = _by_window(convs, (x.shape[0], x.shape[1] // f, n), windows(n, tile, dcae_down_halo(cfg)))
+        for stage in self.down_blocks[k:]:
+            for blk in stage:
+                h = _tiled_block(blk, h, n, low_tile)
+        mx.eval(h)
+        g = self.out_group
+        return _by_window(lambda w: self.conv_out(h[:, :, w.a:w.b]) + group_mean(h[:, :, w.a:w.b], g),
+                          h.shape[:3], windows(n, low_tile, 1))
 
 
 class MusicDCAE(nn.Module):
@@ -552,7 +583,7 @@ class MusicDCAE(nn.Module):
             mels.append(m.transpose(0, 3, 1, 2))
         return mx.concatenate(mels, axis=0)
 
-    def encode_mel(self, mel) -> mx.array:
+    def encode_mel(self, mel, tile: int = DCAE_TILE, low_tile: int = DCAE_LOW_TILE) -> mx.array:
         """Log-mel [B, 2, 128, F] (F a multiple of 8) -> DiT latents [B, 8, 16, F/8], fp32."""
         self._need("encoder")
         x = mx.array(mel).astype(mx.float32)
@@ -564,7 +595,9 @@ class MusicDCAE(nn.Module):
         outs = []
         for b in range(x.shape[0]):
             xb = (((x[b:b + 1] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5).astype(self.dtype)
-            z = self.encoder(xb.transpose(0, 2, 3, 1)).astype(mx.float32)
+            with decode_cache():
+                z = self.encoder.tiled(xb.transpose(0, 2, 3, 1), tile, low_tile).astype(mx.float32)
+                mx.eval(z)
             outs.append(((z - SHIFT_FACTOR) * SCALE_FACTOR).transpose(0, 3, 1, 2))
         return mx.concatenate(outs, axis=0)
 
