@@ -12,8 +12,10 @@ mismatch makes it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from lofi.errors import MODEL_LOAD_FAILED, LofiError
@@ -86,8 +88,9 @@ def ensure_quantized(folder: str | Path, graph: str = "dit_decode", log=print) -
     tmp_data = tmp.with_name(tmp.name + ".data")
     try:
         external = (folder / f"{graph}.onnx.data").is_file()
-        with open(tmp_data, "wb") as fh:
-            _rewrite(model, set(nodes), folder, fh if external else None, data.name)
+        # "x": a fresh file, never through a link planted at the temporary's name
+        with open(tmp_data, "xb") if external else contextlib.nullcontext() as fh:
+            _rewrite(model, set(nodes), folder, fh, data.name)
         onnx.save(model, str(tmp))
         if external:
             os.chmod(tmp_data, src.stat().st_mode & 0o777)  # written as a private temporary
@@ -121,10 +124,7 @@ def _rewrite(model, targets: set, folder: Path, fh, data_name: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    used = {}
-    for n in g.node:
-        for i in n.input:
-            used[i] = used.get(i, 0) + 1
+    used = Counter(i for n in g.node for i in n.input)
     drop, added, nodes, dq = set(), [], [], {}
     for n in g.node:
         if n.name not in targets:

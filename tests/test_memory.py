@@ -77,7 +77,7 @@ _HEAP = textwrap.dedent("""
 
 
 def test_large_buffers_on_heap_reuses_freed_memory_and_restores_the_defaults():
-    """The decoders' buffer policy (lofi_mlx's decode_cache): inside the block freed large
+    """The decoders' buffer policy (lofi_mlx's window_buffers): inside the block freed large
     buffers stay in glibc's heap and serve later requests of other sizes without new pages; after
     it the heap is trimmed and large blocks are unmapped on free again. Fresh process: mallopt
     settings are process-wide."""

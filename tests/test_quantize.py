@@ -243,6 +243,34 @@ def test_int8_rewrite_equals_onnxruntime_quantize_dynamic_and_streams_external_d
     assert quantized_path(folder) == ours
 
 
+def test_int8_graph_never_writes_through_a_planted_link(onnx_cache, tmp_path):
+    """A link at the int8 data file's temporary name (the name is predictable: the pid) is not
+    followed: the build fails with MODEL_LOAD_FAILED, the link's target is untouched, and the
+    next try makes the graph."""
+    import os
+
+    import onnx
+
+    from lofi_cuda.engine import ONNXEngine
+    from lofi_cuda.quantize import SUFFIX, ensure_quantized, fresh
+
+    folder = ONNXEngine(CHECKPOINT, "fp32", "cpu").graph_dir()
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(onnx.load(str(folder / "dit_decode.onnx")), str(ext / "dit_decode.onnx"),
+              save_as_external_data=True, all_tensors_to_one_file=True,
+              location="dit_decode.onnx.data", size_threshold=1024)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (ext / f".dit_decode{SUFFIX}.{os.getpid()}.tmp.onnx.data").symlink_to(victim)
+    with pytest.raises(LofiError) as e:
+        ensure_quantized(ext, log=lambda *a: None)
+    assert e.value.code == "MODEL_LOAD_FAILED" and "quantizing" in e.value.message
+    assert victim.read_text() == "keep me" and not fresh(ext)
+    ensure_quantized(ext, log=lambda *a: None)
+    assert fresh(ext) and victim.read_text() == "keep me"
+
+
 # ---------------------------------------------------------------- what quantize is refused with
 
 def _tiny_lora(home):

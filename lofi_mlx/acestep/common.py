@@ -119,8 +119,9 @@ _keep_freed_buffers()
 
 
 @contextlib.contextmanager
-def decode_cache():
-    """The buffer policy for a decoder's windows on the CPU: no MLX cache of freed buffers,
+def window_buffers():
+    """The buffer policy for a network run in time windows (DCAE decoder and encoder, vocoder)
+    on the CPU: no MLX cache of freed buffers,
     glibc's heap instead (lofi.memory.large_buffers_on_heap). The windows allocate buffers of
     many slightly different sizes and MLX reuses a cached buffer only for a request of about its
     size: its cache held ~1.5 GB beside ~0.6 GB of live temporaries, where the heap needs ~0.5 GB,

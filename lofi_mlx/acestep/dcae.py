@@ -31,7 +31,7 @@ from lofi.errors import INVALID_PARAMS, MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILE
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
 from lofi_mlx.acestep.common import DTYPES
-from lofi_mlx.acestep.common import decode_cache
+from lofi_mlx.acestep.common import window_buffers
 from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import load_strict
 from lofi_mlx.acestep.common import rms_norm
@@ -443,7 +443,6 @@ class Decoder(nn.Module):
             for blk in stage:
                 h = _tiled_block(blk, h, n, low_tile)
         mx.eval(h)
-        mx.clear_cache()  # the whole-length buffers above have no use in the windows below
         f = dcae_up_factor(self.config)
         mels = []
         for w in windows(n, tile, dcae_up_halo(self.config)):
@@ -576,7 +575,7 @@ class MusicDCAE(nn.Module):
         mels = []
         for b in range(z.shape[0]):
             zb = (z[b:b + 1] / SCALE_FACTOR + SHIFT_FACTOR).astype(self.dtype)
-            with decode_cache():
+            with window_buffers():
                 m = self.decoder.tiled(zb.transpose(0, 2, 3, 1), tile, low_tile).astype(mx.float32)
                 mx.eval(m)
             m = (m * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
@@ -595,7 +594,7 @@ class MusicDCAE(nn.Module):
         outs = []
         for b in range(x.shape[0]):
             xb = (((x[b:b + 1] - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5).astype(self.dtype)
-            with decode_cache():
+            with window_buffers():
                 z = self.encoder.tiled(xb.transpose(0, 2, 3, 1), tile, low_tile).astype(mx.float32)
                 mx.eval(z)
             outs.append(((z - SHIFT_FACTOR) * SCALE_FACTOR).transpose(0, 3, 1, 2))

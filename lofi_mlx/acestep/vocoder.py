@@ -36,7 +36,7 @@ from lofi.errors import INVALID_PARAMS, LofiError
 from lofi_mlx.mlxrt import mx
 from lofi_mlx.mlxrt import nn
 from lofi_mlx.acestep.common import DTYPES
-from lofi_mlx.acestep.common import decode_cache
+from lofi_mlx.acestep.common import window_buffers
 from lofi_mlx.acestep.common import drop_keys
 from lofi_mlx.acestep.common import fold_weight_norm
 from lofi_mlx.acestep.common import fused
@@ -444,7 +444,7 @@ class Vocoder(nn.Module):
             return self.forward(mel)
         hop = self.cfg.hop
         parts = []
-        with decode_cache():
+        with window_buffers():
             for w in windows(n, chunk_frames, halo):
                 y = self.forward(mel[:, :, w.a:w.b])[:, (w.s - w.a) * hop:(w.e - w.a) * hop]
                 mx.eval(y)  # one window's activations at a time
