@@ -54,6 +54,9 @@ def test_receptive_fields_from_the_configs():
                                                                     "EfficientViTBlock", "EfficientViTBlock"]))
     assert tiling.dcae_attention_stages(two) == 2 and tiling.dcae_up_factor(two) == 4
     assert tiling.vocoder_halo(VocoderConfig.from_dict(VOCODER_REAL)) == 93
+    # the backbone: 3 (stem) + 18 blocks x 3; the head the rest, rounded up on its own
+    assert tiling.vocoder_backbone_halo(VocoderConfig.from_dict(VOCODER_REAL)) == 57
+    assert tiling.vocoder_head_halo(VocoderConfig.from_dict(VOCODER_REAL)) == 36
     tiny = VocoderConfig.from_dict(read_config(CHECKPOINT, "vocoder"))
     assert tiling.vocoder_halo(tiny) == 41
 

@@ -109,6 +109,18 @@ def test_chunked_decode_equals_whole(fp32):
     assert np.abs(np.array(fp32.decode(mel, 40, halo=0)) - whole).max() > 1e-3
 
 
+def test_chunked_decode_runs_the_backbone_in_its_own_windows(fp32, monkeypatch):
+    """Features from backbone windows shorter than the input, then the head's windows over
+    them, equal the whole run; without the backbone's halo its window edges are wrong."""
+    d = golden("dcae_decode")
+    mel = mx.array(d["vocoder.0.in.mel"][:, :, :130])
+    feats = np.array(fp32.backbone(mel.transpose(0, 2, 1)))
+    assert_close(np.array(fp32.features(mel, 48)), feats, 1e-5, "backbone in windows")
+    assert np.abs(np.array(fp32.features(mel, 48, halo=0)) - feats).max() > 1e-2 * np.abs(feats).max()
+    monkeypatch.setattr(V, "BACKBONE_TILE", 48)
+    assert_close(np.array(fp32.decode(mel, 32)), np.array(fp32(mel)), 1e-6, "both in windows")
+
+
 def test_receptive_field_bounds_the_influence(fp32):
     rf = fp32.receptive_field()
     assert rf == 41 and V.Vocoder(V.VocoderConfig()).receptive_field() == 93

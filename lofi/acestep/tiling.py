@@ -151,13 +151,13 @@ def polyphase_span(kernel: int, stride: int, padding: int) -> tuple[int, int]:
     return min(lo), max(hi)
 
 
-def vocoder_halo(cfg) -> int:
-    """Mel frames on each side that can influence one output sample of the vocoder (rounded
-    up): the stem and ConvNeXt depthwise convs and conv_pre at the frame rate, then per upsampling
-    level its transposed conv's taps at the input rate and its ResBlocks (dilated convs then
-    plain ones, the widest kernel's sum) at the output rate, and conv_post at the sample rate."""
+def _vocoder_backbone_frames(cfg) -> int:
     k = cfg.kernel_sizes[0] // 2
-    frames = k + sum(cfg.depths) * k + cfg.pre_conv_kernel_size // 2
+    return k + sum(cfg.depths) * k  # the stem, then each ConvNeXt block's depthwise conv
+
+
+def _vocoder_head_frames(cfg) -> float:
+    frames = cfg.pre_conv_kernel_size // 2
     res = max(sum(d * (kk // 2) + kk // 2 for d in ds)
               for kk, ds in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
     rate = 1
@@ -166,5 +166,24 @@ def vocoder_halo(cfg) -> int:
         frames += (max(jmax, -jmin, 0) + 1) / rate  # +1: the output phase offset
         rate *= stride
         frames += res / rate
-    frames += (cfg.post_conv_kernel_size // 2) / rate
-    return int(math.ceil(frames))
+    return frames + (cfg.post_conv_kernel_size // 2) / rate
+
+
+def vocoder_halo(cfg) -> int:
+    """Mel frames on each side that can influence one output sample of the vocoder (rounded
+    up): the stem and ConvNeXt depthwise convs and conv_pre at the frame rate, then per upsampling
+    level its transposed conv's taps at the input rate and its ResBlocks (dilated convs then
+    plain ones, the widest kernel's sum) at the output rate, and conv_post at the sample rate."""
+    return int(math.ceil(_vocoder_backbone_frames(cfg) + _vocoder_head_frames(cfg)))
+
+
+def vocoder_backbone_halo(cfg) -> int:
+    """Frames on each side that can influence one frame of the backbone's features."""
+    return _vocoder_backbone_frames(cfg)
+
+
+def vocoder_head_halo(cfg) -> int:
+    """Feature frames on each side that can influence one output sample of the HiFi-GAN head:
+    the head alone, run in windows over features computed once (most of the vocoder's halo is
+    the backbone's, which costs a few per cent of the head's work)."""
+    return int(math.ceil(_vocoder_head_frames(cfg)))
