@@ -19,7 +19,9 @@ bias, the residual add, the ResBlock average and the final tanh. Norm statistics
 sums along the residual streams cannot overflow, only a single conv input beyond ±65504 could.
 
 Full length (240 s: 20 664 mel frames -> 10.5 M samples per channel) needs several GB of conv
-workspace in one pass; `Vocoder.decode` runs overlapping windows with an exact halo instead.
+workspace in one pass; `Vocoder.decode` runs overlapping windows with exact halos instead: the
+backbone's (long windows, whole-length features) and then the head's, so the head, nearly all
+of the work, recomputes only its own receptive field at each window edge.
 """
 
 from __future__ import annotations
