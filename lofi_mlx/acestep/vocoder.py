@@ -50,8 +50,8 @@ from lofi_mlx.acestep.common import silu_f32
 F32 = mx.float32
 # Mel frames per decoding window (`Vocoder.decode`). Measured at full width, 30 s, fp32 on a
 # 2-core CPU (benchmarks/RESULTS.md): working set above the weights 1.79 / 1.23 / 0.74 GiB for
-# 2048 / 1024 / 512, and 512 was also the fastest (the halo's 36 % extra work costs less than
-# the larger buffers' cache misses and page faults).
+# 2048 / 1024 / 512, and 512 was also the fastest (the halo's extra work, 14 % since the head
+# has its own halo, costs less than the larger buffers' cache misses and page faults).
 TILE = 512
 # The backbone's windows: its work is a few per cent of the head's, its working set small.
 BACKBONE_TILE = 2048
@@ -467,10 +467,9 @@ class Vocoder(nn.Module):
             return self.forward(mel)
         self._check(mel)
         halo = vocoder_head_halo(self.cfg) if halo is None else halo
-        bhalo = backbone_halo
         hop = self.cfg.hop
         with window_buffers():
-            feats = self.features(mel, max(chunk_frames, BACKBONE_TILE), bhalo)
+            feats = self.features(mel, max(chunk_frames, BACKBONE_TILE), backbone_halo)
             parts = []
             for w in windows(n, chunk_frames, halo):
                 y = self.head(feats[:, w.a:w.b])
