@@ -120,20 +120,10 @@ def main() -> None:
                       f"  total {row['total_s']:7.2f} s ({row['total_s'] / s:.2f} s per audio second)"
                       + (f", {row['vs_torch']:.2f}x the torch port" if ref else ""), flush=True)
     if args.json:
+        from lofi_mlx.bench import machine  # imports no mlx
         meta = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-                "threads": args.threads, "cpu": _cpu()}
+                "threads": args.threads, "machine": machine()}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def polyphase_span(kernel: int, stride: int, padding: int) -> tuple[int, int]:
     return min(lo), max(hi)
 
 
-def _vocoder_backbone_frames(cfg) -> int:
+def vocoder_backbone_halo(cfg) -> int:
+    """Frames on each side that can influence one frame of the backbone's features."""
     k = cfg.kernel_sizes[0] // 2
     return k + sum(cfg.depths) * k  # the stem, then each ConvNeXt block's depthwise conv
 
@@ -174,12 +175,7 @@ def vocoder_halo(cfg) -> int:
     up): the stem and ConvNeXt depthwise convs and conv_pre at the frame rate, then per upsampling
     level its transposed conv's taps at the input rate and its ResBlocks (dilated convs then
     plain ones, the widest kernel's sum) at the output rate, and conv_post at the sample rate."""
-    return int(math.ceil(_vocoder_backbone_frames(cfg) + _vocoder_head_frames(cfg)))
-
-
-def vocoder_backbone_halo(cfg) -> int:
-    """Frames on each side that can influence one frame of the backbone's features."""
-    return _vocoder_backbone_frames(cfg)
+    return int(math.ceil(vocoder_backbone_halo(cfg) + _vocoder_head_frames(cfg)))
 
 
 def vocoder_head_halo(cfg) -> int:
